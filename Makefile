@@ -1,0 +1,53 @@
+# tsg: the two commands that set up and check everything on a fresh machine are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Machines without an NVIDIA GPU get this CPU build of torch, so that pip never pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+CONFIG ?= configs/tiny_cpu.json
+LAUNCH ?=
+ARGS ?=
+DATA ?=
+DEMO_STEPS ?= 300
+PROMPT ?= Once upon a time
+MODEL ?=
+
+.PHONY: install demo train generate test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Train configs/tiny_cpu.json from scratch for DEMO_STEPS steps, then tell stories.
+# DATA=PATH trains on a story file instead of the embedded sample; DATA=NAME on a hub data set.
+demo: install
+	$(BIN)/python -m tsg.train configs/tiny_cpu.json --max_steps $(DEMO_STEPS) --overwrite_output_dir true \
+		$(if $(DATA),$(if $(wildcard $(DATA)),--train_file $(DATA),--train_file none --dataset_name $(DATA))) $(ARGS)
+	$(BIN)/python -m tsg.generate --model runs/tiny_cpu --prompt "$(PROMPT)" -n 3
+
+# make train CONFIG=configs/NAME.json [LAUNCH=NAME: launch/NAME.yaml] [ARGS="--max_steps 20"]
+train: install
+	$(BIN)/accelerate launch $(if $(LAUNCH),--config_file launch/$(LAUNCH).yaml,--num_processes 1) \
+		tsg/train.py $(CONFIG) $(ARGS)
+
+# make generate PROMPT="Once upon a time" [MODEL=DIR, default: the newest run under runs/] [ARGS="-n 3"]
+generate: install
+	@model="$(MODEL)"; \
+	if [ -z "$$model" ]; then \
+		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do [ -f "$$d/config.json" ] && echo "$${d%/}" && break; done); \
+	fi; \
+	if [ -z "$$model" ]; then echo "make generate: no trained model under runs/: run make demo first, or pass MODEL=DIR" >&2; exit 2; fi; \
+	echo "make generate: model $$model"; \
+	$(BIN)/python -m tsg.generate --model "$$model" --prompt "$(PROMPT)" $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs wandb .pytest_cache

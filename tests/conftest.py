@@ -1,0 +1,125 @@
+"""Shared fixtures: offline environment, a small tokenizer trained once on the embedded sample, tiny models,
+helpers that write story files and run `tsg.train.main` in-process.
+
+Everything here runs with no network and no GPU: models are built from configs with random weights and the
+tokenizer is trained locally on the embedded TinyStories sample.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports datasets / transformers / huggingface_hub: no network, no W&B, and a private
+# datasets cache, so that cached tokenization from one test (or from a user's earlier runs) never leaks in.
+_CACHE = tempfile.mkdtemp(prefix="tsg-tests-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["DISABLE_TQDM"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+from tsg import data, model as models  # noqa: E402
+from tsg.config import StoryArguments  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_FILE = REPO / "tsg" / "sample" / "tinystories_sample.txt"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+SEP = "<|endoftext|>"
+VOCAB = 512
+
+
+def write_txt(path: Path, stories: list[str]) -> Path:
+    """A TinyStories-format .txt file: each story followed by a line that is exactly <|endoftext|>."""
+    path.write_text("".join(f"{story}\n{SEP}\n" for story in stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_stories() -> list[str]:
+    """All stories of the embedded sample, in file order."""
+    stories = list(data.read_tinystories_txt(str(SAMPLE_FILE)))
+    assert len(stories) == 1127
+    return stories
+
+
+@pytest.fixture(scope="session")
+def tokenizer(sample_stories):
+    """A byte-level BPE tokenizer with a 512-token vocabulary, trained once on the embedded sample."""
+    return models.train_tokenizer(sample_stories, VOCAB)
+
+
+@pytest.fixture(scope="session")
+def small_txt(tmp_path_factory, sample_stories) -> Path:
+    """The first 120 sample stories as a .txt file of their own (fast to load, tokenize and train on)."""
+    return write_txt(tmp_path_factory.mktemp("small") / "stories.txt", sample_stories[:120])
+
+
+def tiny_args(**overrides) -> StoryArguments:
+    """StoryArguments for a tiny from-scratch GPT-2 (2 layers, width 32, 4 heads, 64-token blocks)."""
+    values = dict(model_type="gpt2", num_hidden_layers=2, hidden_size=32, num_attention_heads=4, block_size=64,
+                  train_file="unused.txt", vocab_size=VOCAB)
+    values.update(overrides)
+    return StoryArguments(**values)
+
+
+@pytest.fixture
+def tiny_model():
+    """Builder: a tiny random model via tsg.model.load_model, seeded, in eval mode."""
+
+    def build(tokenizer, seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return models.load_model(tiny_args(**overrides), tokenizer).eval()
+
+    return build
+
+
+def tiny_cli(train_file, output_dir, *extra: str, **values) -> list[str]:
+    """Command-line words for `tsg.train.main`: a tiny from-scratch GPT-2 trained for a few steps on the CPU."""
+    options = dict(
+        model_type="gpt2", num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
+        block_size=64, train_file=str(train_file), output_dir=str(output_dir), max_steps=4,
+        per_device_train_batch_size=4, per_device_eval_batch_size=16, learning_rate=3e-3,
+        logging_steps=1, save_steps=1000, eval_strategy="no", use_cpu="true", report_to="none",
+        dataloader_num_workers=0, disable_tqdm="true", seed=0,
+    )
+    options.update(values)
+    words = []
+    for key, value in options.items():
+        if value is not None:
+            words += [f"--{key}", str(value)]
+    return words + list(extra)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+def python_env() -> dict[str, str]:
+    """Environment for subprocesses: offline, private caches, the repo importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def accelerate_launch_cmd() -> list[str]:
+    sibling = Path(sys.executable).with_name("accelerate")
+    if sibling.is_file():
+        return [str(sibling), "launch"]
+    return [sys.executable, "-m", "accelerate.commands.launch"]

@@ -1,0 +1,253 @@
+"""Stories end to end: raw files or a hub data set -> `datasets.Dataset` of text -> tokens -> packed blocks.
+
+Each stage can be run and inspected on its own:
+
+    stories = load_stories(args, seed=0)               # DatasetDict of {"text"}, empty stories skipped
+    tokens = tokenize_stories(stories, tokenizer)      # {"input_ids"}: each story ends in EOS
+    blocks = pack_dataset(tokens, block_size, "isolated", pad_token_id)
+    batch = BlockCollator("sdpa")(list(blocks["train"]))
+
+Packing modes (`packing` in the config):
+- isolated: stories are laid end to end in `block_size` rows; each story piece attends only to
+  itself (block-diagonal causal mask) and its position ids restart at 0, so a packed story's logits
+  equal its logits alone. A story that crosses a row boundary is split there; the piece in the next
+  row starts again at position 0. The first token of each piece has no label (nothing to predict it from).
+- concat: plain concatenation, as run_clm's group_texts: tokens attend across story boundaries.
+- pad: one story per row, padded to `block_size` (longer stories split), as the seed project did.
+
+The story's own EOS keeps its label in every mode: a model must learn to end a story.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from tsg.config import ConfigError, StoryArguments
+
+STORY_SEPARATOR = "<|endoftext|>"
+SAMPLE_FILE = Path(__file__).parent / "sample" / "tinystories_sample.txt"
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+MAP_BATCH_SIZE = 1000
+
+
+def read_tinystories_txt(path: str) -> Iterator[str]:
+    """Stories of a TinyStories `.txt` file: each ends at a line that is exactly `<|endoftext|>`."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() == STORY_SEPARATOR:
+                yield "".join(lines).strip()
+                lines = []
+            else:
+                lines.append(line)
+    if "".join(lines).strip():
+        yield "".join(lines).strip()
+
+
+def _txt_generator(path: str, stamp: tuple):  # `stamp` (size, mtime) makes the datasets cache see edits
+    for story in read_tinystories_txt(path):
+        yield {"text": story}
+
+
+def load_story_file(path: str, text_column: str = "text") -> Dataset:
+    """One local file of stories as a Dataset with one column, `text`."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such file of stories")
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        stat = file.stat()
+        return Dataset.from_generator(
+            _txt_generator, gen_kwargs={"path": str(file.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)}
+        )
+    if suffix not in FILE_BUILDERS:
+        raise ConfigError(
+            f"{path}: unknown story file type '{suffix}' (expected .txt with {STORY_SEPARATOR} separators, "
+            ".csv, .json, .jsonl or .parquet)"
+        )
+    try:
+        dataset = load_dataset(FILE_BUILDERS[suffix], data_files=str(file), split="train")
+    except Exception as e:  # datasets wraps parser errors in several exception types
+        raise ConfigError(f"{path}: could not be read as {suffix[1:]}: {' '.join(str(e).split())[:300]}") from None
+    return _text_only(dataset, text_column, str(path))
+
+
+def _text_only(dataset: Dataset, text_column: str, source: str) -> Dataset:
+    if text_column not in dataset.column_names:
+        raise ConfigError(
+            f"{source}: no '{text_column}' column (columns: {', '.join(dataset.column_names)}); "
+            "set text_column to the one that holds the stories"
+        )
+    dataset = dataset.select_columns([text_column])
+    return dataset.rename_column(text_column, "text") if text_column != "text" else dataset
+
+
+def _drop_empty(dataset: Dataset, source: str) -> tuple[Dataset, int]:
+    kept = dataset.filter(
+        lambda batch: [isinstance(t, str) and bool(t.strip()) for t in batch["text"]],
+        batched=True,
+        desc="Skipping empty stories",
+    )
+    if len(kept) == 0:
+        raise ConfigError(f"{source}: no stories (the data set is empty or every story is blank)")
+    return kept, len(dataset) - len(kept)
+
+
+def load_stories(args: StoryArguments, seed: int) -> tuple[DatasetDict, dict]:
+    """Training and validation stories as a DatasetDict of `text`, and counts of what was loaded."""
+    if args.train_file:
+        train_source = args.train_file
+        splits = {"train": load_story_file(args.train_file, args.text_column)}
+        if args.validation_file:
+            splits["validation"] = load_story_file(args.validation_file, args.text_column)
+    else:
+        train_source = args.dataset_name
+        hub = load_dataset(args.dataset_name, args.dataset_config_name)
+        if "train" not in hub:
+            raise ConfigError(f"dataset_name={args.dataset_name!r} has no 'train' split (splits: {', '.join(hub)})")
+        splits = {"train": _text_only(hub["train"], args.text_column, args.dataset_name)}
+        if "validation" in hub:
+            splits["validation"] = _text_only(hub["validation"], args.text_column, args.dataset_name)
+    counts = {"empty_stories_skipped": 0}
+    for split in list(splits):
+        source = args.validation_file if split == "validation" and args.validation_file else train_source
+        splits[split], skipped = _drop_empty(splits[split], source)
+        counts["empty_stories_skipped"] += skipped
+    if "validation" not in splits and args.validation_split_percentage > 0:
+        if len(splits["train"]) < 2:
+            raise ConfigError(f"{train_source}: one story cannot be split into training and validation stories")
+        parts = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        splits = {"train": parts["train"], "validation": parts["test"]}
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if split in splits and limit is not None:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    counts.update({f"{split}_stories": len(ds) for split, ds in splits.items()})
+    return DatasetDict(splits), counts
+
+
+def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = None) -> DatasetDict:
+    """Token ids of every story, each ending in the tokenizer's EOS token (batched, cached)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: stories cannot be told apart")
+
+    marker = tokenizer.eos_token
+
+    def tokenize(batch):  # a story that already ends in the EOS text (tsg.prepare's marker) gets it once
+        texts = [t.strip().removesuffix(marker).rstrip() for t in batch["text"]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [story + [eos] for story in ids]}
+
+    return stories.map(
+        tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="Tokenizing stories"
+    )
+
+
+def pack_stories(stories: list[list[int]], block_size: int, packing: str, pad_token_id: int) -> dict[str, np.ndarray]:
+    """Rows of exactly `block_size` tokens from whole stories (see the module doc for the modes).
+
+    Returns input_ids, attention_mask (1 = real token), labels (-100 = no loss) and, for
+    `isolated`, position_ids that restart at 0 at every story piece.
+    """
+    if packing == "pad":
+        pieces = [s[i : i + block_size] for s in stories for i in range(0, len(s), block_size)]
+        ids = np.full((len(pieces), block_size), pad_token_id, dtype=np.int64)
+        real = np.zeros((len(pieces), block_size), dtype=bool)
+        for row, piece in enumerate(pieces):
+            ids[row, : len(piece)] = piece
+            real[row, : len(piece)] = True
+        labels = np.where(real, ids, IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": real.astype(np.int64), "labels": labels}
+    if packing not in ("isolated", "concat"):
+        raise ValueError(f"packing: expected isolated, concat or pad, got {packing!r}")
+    lengths = np.array([len(s) for s in stories], dtype=np.int64)
+    total = int(lengths.sum())
+    n_rows = -(-total // block_size)
+    ids = np.full(n_rows * block_size, pad_token_id, dtype=np.int64)
+    if total:
+        ids[:total] = np.concatenate([np.asarray(s, dtype=np.int64) for s in stories])
+    real = np.arange(n_rows * block_size) < total
+    labels = np.where(real, ids, IGNORE_INDEX)
+    rows = {"input_ids": ids, "attention_mask": real.astype(np.int64), "labels": labels}
+    if packing == "isolated":
+        index = np.arange(n_rows * block_size)
+        starts = np.zeros(n_rows * block_size, dtype=bool)
+        starts[np.cumsum(lengths)[:-1]] = True  # a story begins
+        starts[0::block_size] = True  # a row begins: the piece in it restarts
+        starts[~real] = True  # each pad token is a segment of its own
+        position_ids = index - np.maximum.accumulate(np.where(starts, index, 0))
+        labels[starts] = IGNORE_INDEX
+        rows["position_ids"] = position_ids
+    return {key: value.reshape(n_rows, block_size) for key, value in rows.items()}
+
+
+def pack_dataset(tokens: DatasetDict, block_size: int, packing: str, pad_token_id: int,
+                 num_proc: int | None = None) -> DatasetDict:
+    """Packed rows of `block_size` tokens for every split (batched, cached)."""
+    return tokens.map(
+        lambda batch: pack_stories(batch["input_ids"], block_size, packing, pad_token_id),
+        batched=True,
+        batch_size=MAP_BATCH_SIZE,
+        num_proc=num_proc,
+        remove_columns=["input_ids"],
+        desc=f"Packing stories ({packing}, {block_size} tokens)",
+    )
+
+
+def describe(stories: DatasetDict, tokens: DatasetDict, blocks: DatasetDict, counts: dict, block_size: int) -> dict:
+    """What was loaded, per split: stories, tokens, blocks and the share of pad tokens."""
+    summary = {"empty_stories_skipped": counts["empty_stories_skipped"]}
+    for split in blocks:
+        n_tokens = pc.sum(pc.list_value_length(tokens[split].data.column("input_ids"))).as_py() or 0
+        n_blocks = len(blocks[split])
+        summary[split] = {
+            "stories": len(stories[split]),
+            "tokens": int(n_tokens),
+            "blocks": n_blocks,
+            "pad_share": 1 - n_tokens / max(1, n_blocks * block_size),
+        }
+    return summary
+
+
+def block_causal_mask(position_ids: torch.Tensor, additive: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, 1, L, L) causal mask in which each piece (positions restarting at 0) sees only itself.
+
+    Boolean (True = attend) for sdpa; additive (0 or the dtype's minimum) for eager attention.
+    """
+    segment = torch.cumsum(position_ids == 0, dim=1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if not additive:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class BlockCollator:
+    """Stacks packed rows into a batch; for `isolated` rows, adds the mask that keeps stories apart.
+
+    With flash attention the restarted position_ids alone separate the stories, so no mask is built.
+    """
+
+    attn_implementation: str = "sdpa"
+    mask_dtype: torch.dtype = torch.float32
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.tensor(np.array([row[key] for row in rows])) for key in rows[0]}
+        if "position_ids" in batch:
+            if self.attn_implementation.startswith("flash_attention"):
+                del batch["attention_mask"]
+            else:
+                additive = self.attn_implementation != "sdpa"
+                batch["attention_mask"] = block_causal_mask(batch["position_ids"], additive, self.mask_dtype)
+        return batch

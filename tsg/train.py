@@ -1,0 +1,177 @@
+"""Train a causal LM on stories, or fine-tune one, with the Hugging Face Trainer under Accelerate.
+
+    accelerate launch tsg/train.py configs/tiny_cpu.json                 # one process, CPU or GPU
+    accelerate launch tsg/train.py configs/tiny_cpu.json --max_steps 20  # the CLI overrides the file
+    python -m tsg.train configs/tiny_cpu.json --learning_rate 1e-3
+    make train CONFIG=configs/tiny_cpu.json
+
+The output folder (`output_dir`, default `runs/<config name>`) ends up holding a model and tokenizer
+that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load, `run_config.json` (the resolved
+config and the versions it ran with), checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: import the tsg package, not its modules as top-level ones
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from tsg import data, model as models
+from tsg.config import ConfigError, StoryArguments, parse_args, write_run_config
+
+
+class StoryTrainer(Trainer):
+    """The HF Trainer, logging perplexity beside every eval loss."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, start_time)
+
+
+def say(training_args: TrainingArguments, message: str) -> None:
+    if training_args.process_index == 0:
+        print(f"tsg: {message}", flush=True)
+
+
+def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (`resume_from_checkpoint`: true = the latest in output_dir, or a path)."""
+    value = training_args.resume_from_checkpoint
+    output = Path(training_args.output_dir)
+    existing = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if value is None or str(value).lower() == "false":
+        if existing and not overwrite:
+            raise ConfigError(
+                f"output_dir={str(output)!r} already holds checkpoints: resume with --resume_from_checkpoint true, "
+                "start over with --overwrite_output_dir true, or choose another output_dir"
+            )
+        return None
+    if str(value).lower() == "true":
+        if existing is None:
+            raise ConfigError(f"resume_from_checkpoint=true but output_dir={str(output)!r} holds no checkpoint")
+        return existing
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a checkpoint folder (no trainer_state.json)")
+    return value
+
+
+def build_tokenizer(args: StoryArguments, training_args: TrainingArguments, stories, resume: str | None):
+    """The named tokenizer, or, from scratch, one trained on the training stories and saved in output_dir."""
+    if args.tokenizer_name or not args.from_scratch:
+        return models.load_tokenizer(args)
+    saved = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="train tokenizer"):
+        if (resume or training_args.process_index > 0) and (saved / "tokenizer.json").is_file():
+            return models.with_pad_token(models.AutoTokenizer.from_pretrained(saved))
+        say(training_args, f"training a byte-level BPE tokenizer ({args.vocab_size} tokens) on the training stories")
+        texts = (batch["text"] for batch in stories["train"].iter(batch_size=1000))
+        tokenizer = models.train_tokenizer(texts, args.vocab_size)
+        tokenizer.model_max_length = args.max_position_embeddings or args.block_size
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(saved)
+        return tokenizer
+
+
+def build_blocks(args: StoryArguments, training_args: TrainingArguments, stories, tokenizer: PreTrainedTokenizerBase):
+    """Tokenized, packed blocks (rank 0 first, the other processes read its cache)."""
+    with training_args.main_process_first(desc="tokenize and pack"):
+        if args.overwrite_cache:
+            stories.cleanup_cache_files()
+        tokens = data.tokenize_stories(stories, tokenizer, args.preprocessing_num_workers)
+        blocks = data.pack_dataset(tokens, args.block_size, args.packing, tokenizer.pad_token_id,
+                                   args.preprocessing_num_workers)
+    return tokens, blocks
+
+
+def report_start(args, training_args, summary, model, blocks) -> None:
+    """The derived numbers a user checks before waiting for a run."""
+    trainable, total = models.count_parameters(model)
+    world = training_args.world_size
+    rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    steps_per_epoch = max(1, math.ceil(len(blocks["train"]) / (training_args.per_device_train_batch_size * world))
+                          // training_args.gradient_accumulation_steps)
+    total_steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+        steps_per_epoch * training_args.num_train_epochs)
+    for split in ("train", "validation"):
+        if split in summary:
+            s = summary[split]
+            say(training_args, f"{split}: {s['stories']:,} stories, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
+                               f"{args.block_size} ({args.packing} packing), pad share {s['pad_share']:.2%}")
+    if summary["empty_stories_skipped"]:
+        say(training_args, f"skipped {summary['empty_stories_skipped']:,} empty stories")
+    say(training_args, f"model: {total:,} parameters ({trainable:,} trainable), "
+                       f"{'from scratch: ' + args.model_type if args.from_scratch else args.model_name_or_path}")
+    say(training_args, f"tokens per optimizer step = {training_args.per_device_train_batch_size} rows x "
+                       f"{training_args.gradient_accumulation_steps} accumulation x {world} processes x "
+                       f"{args.block_size} tokens = {rows_per_step * args.block_size:,}")
+    say(training_args, f"steps per epoch = {steps_per_epoch:,}; this run: {total_steps:,} steps, "
+                       f"{total_steps * rows_per_step * args.block_size:,} tokens")
+
+
+def setup_wandb(training_args: TrainingArguments, run_name: str) -> None:
+    """W&B runs are named from the config; without an API key they run offline into output_dir."""
+    if "wandb" not in training_args.report_to:
+        return
+    os.environ.setdefault("WANDB_PROJECT", training_args.project if training_args.project != "huggingface" else "tsg")
+    os.environ.setdefault("WANDB_DIR", training_args.output_dir)
+    if training_args.run_name in (None, training_args.output_dir):
+        training_args.run_name = run_name
+    netrc = Path.home() / ".netrc"
+    has_key = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not has_key and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        say(training_args, f"W&B: no API key, logging offline; to upload later: "
+                           f"wandb sync {training_args.output_dir}/wandb/offline-run-*")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+        resume = resolve_resume(training_args, args.overwrite_output_dir)
+        if args.overwrite_output_dir and not resume and training_args.process_index == 0:
+            for old in Path(training_args.output_dir).glob("checkpoint-*"):
+                shutil.rmtree(old)
+        set_seed(training_args.seed)
+        setup_wandb(training_args, Path(training_args.output_dir).name)
+        if training_args.process_index == 0:
+            write_run_config(args, training_args)
+        stories, counts = data.load_stories(args, seed=training_args.data_seed or training_args.seed)
+        tokenizer = build_tokenizer(args, training_args, stories, resume)
+        tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
+        summary = data.describe(stories, tokens, blocks, counts, args.block_size)
+        model = models.load_model(args, tokenizer)
+    except ConfigError as e:
+        print(f"tsg: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    report_start(args, training_args, summary, model, blocks)
+    trainer = StoryTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks.get("validation"),
+        processing_class=tokenizer,
+        data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if "validation" in blocks:
+        metrics = trainer.evaluate()
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    say(training_args, f"saved the model and tokenizer in {training_args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
