@@ -13,7 +13,7 @@ DEMO_STEPS ?= 300
 PROMPT ?= Once upon a time
 MODEL ?=
 
-.PHONY: install demo train generate test clean
+.PHONY: install demo train generate merge test clean
 
 install: $(VENV)/.installed
 
@@ -37,14 +37,20 @@ train: install
 		tsg/train.py $(CONFIG) $(ARGS)
 
 # make generate PROMPT="Once upon a time" [MODEL=DIR, default: the newest run under runs/] [ARGS="-n 3"]
+# An adapter run is merged into its base once (DIR/merged) and reused.
 generate: install
 	@model="$(MODEL)"; \
 	if [ -z "$$model" ]; then \
-		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do [ -f "$$d/config.json" ] && echo "$${d%/}" && break; done); \
+		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do \
+			if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done); \
 	fi; \
 	if [ -z "$$model" ]; then echo "make generate: no trained model under runs/: run make demo first, or pass MODEL=DIR" >&2; exit 2; fi; \
 	echo "make generate: model $$model"; \
 	$(BIN)/python -m tsg.generate --model "$$model" --prompt "$(PROMPT)" $(ARGS)
+
+# make merge RUN=runs/qlora_cpu [OUT=runs/qlora_cpu-merged]
+merge: install
+	$(BIN)/python -m tsg.merge $(RUN) $(or $(OUT),$(RUN)-merged)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -167,6 +167,14 @@ def test_single_dash_option_is_refused():
         parse_args(SCRATCH + ["-lr", "0.1"])
 
 
+def test_stray_words_on_the_command_line_are_refused(tmp_path):
+    cfg = write_json(tmp_path / "c.json", {"model_type": "gpt2", "train_file": "a.txt"})
+    with pytest.raises(ConfigError, match="max_steps"):
+        parse_args([str(cfg), "max_steps", "3"])  # forgot the dashes
+    with pytest.raises(ConfigError, match="other.json"):
+        parse_args([str(cfg), str(tmp_path / "other.json")])  # one config file only
+
+
 def test_wrong_type_in_file_names_file_and_key(tmp_path):
     cfg = write_json(tmp_path / "bad.json", {"model_type": "gpt2", "train_file": "a.txt", "learning_rate": "fast"})
     with pytest.raises(ConfigError) as err:
@@ -198,6 +206,13 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         read_config_file(cfg)
     assert str(err.value).startswith(f"{cfg}:") and "malformed YAML" in str(err.value)
+
+
+def test_non_string_yaml_key_is_a_config_error(tmp_path):
+    cfg = tmp_path / "odd.yaml"
+    cfg.write_text("model_type: gpt2\ntrain_file: a.txt\n4: layers\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"odd\.yaml"):
+        parse_args([str(cfg)])
 
 
 def test_config_file_not_found_and_not_an_object(tmp_path):

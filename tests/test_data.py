@@ -128,8 +128,6 @@ def test_csv_with_blank_cells_only_is_an_error(tmp_path):
         load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an empty .txt file raises datasets' DatasetGenerationError, "
-                                        "not ConfigError (load_story_file builds a Dataset from an empty generator)")
 def test_empty_txt_file_is_a_config_error(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("")

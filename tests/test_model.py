@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SEP, VOCAB, tiny_args
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from tsg import data, model as models
 from tsg.config import ConfigError
@@ -77,15 +77,20 @@ def test_build_config_errors(tokenizer):
         models.build_config(tiny_args(config_overrides={"n_bogus": 3}), tokenizer)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: build_config catches only ValueError/TypeError; transformers 5 configs "
-                                        "are @strict and raise huggingface_hub StrictDataclass*Error (an Exception)")
 @pytest.mark.parametrize("overrides", [
-    dict(model_type="gpt_neo", num_hidden_layers=2),  # attention_types default (24 layers) != 2 layers
+    dict(model_type="gpt_neo", num_hidden_layers=2, config_overrides={"attention_types": [[["global"], 5]]}),
     dict(config_overrides={"n_inner": "big"}),  # wrong type for a config field
 ], ids=["gpt_neo-layers", "wrong-type"])
 def test_invalid_model_config_is_a_config_error(tokenizer, overrides):
     with pytest.raises(ConfigError):
         models.build_config(tiny_args(**overrides), tokenizer)
+
+
+def test_gpt_neo_layers_alternate_global_and_local_attention_by_default(tokenizer):
+    config = models.build_config(tiny_args(model_type="gpt_neo", num_hidden_layers=4), tokenizer)
+    assert config.attention_layers == ["global", "local", "global", "local"]
+    config = models.build_config(tiny_args(model_type="gpt_neo", num_hidden_layers=3), tokenizer)
+    assert config.attention_layers == ["global"] * 3
 
 
 def test_llama_from_scratch(tokenizer):

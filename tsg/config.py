@@ -25,6 +25,7 @@ from transformers import HfArgumentParser, TrainingArguments
 COMMENT_PREFIX = "//"
 PACKING_MODES = ("isolated", "concat", "pad")
 DEFAULT_DATASET = "roneneldan/TinyStories"
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,24 @@ class StoryArguments:
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the byte-level BPE tokenizer trained here."})
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2 (default: the model's)."}
+    )
+
+    # --- adapters and quantization (names as in TRL's ModelConfig and transformers' BitsAndBytesConfig) ---
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of every weight."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules that get adapters (default: all linear layers but the output)."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits: QLoRA."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit a weight)."}
+    )
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+        default=None, metadata={"help": "dtype of the 4-bit matmuls (default: bfloat16 on GPU, float32 on CPU)."}
     )
 
     # --- data: where the stories come from ---
@@ -138,6 +157,26 @@ class StoryArguments:
             raise ConfigError(
                 f"block_size={self.block_size} is longer than max_position_embeddings={self.max_position_embeddings}"
             )
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
+            )
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ConfigError("load_in_8bit and load_in_4bit are both set: choose one")
+        if self.quantized and not self.use_peft:
+            raise ConfigError(
+                f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'} trains adapters on frozen quantized "
+                "weights: set use_peft true (quantized weights cannot be fine-tuned in full)"
+            )
+        if self.use_peft and self.from_scratch:
+            raise ConfigError("use_peft trains adapters on a pretrained model: set model_name_or_path, not model_type")
+        if self.quantized and self.from_scratch:
+            raise ConfigError("load_in_4bit/load_in_8bit quantize a pretrained model: set model_name_or_path, not model_type")
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.validation_split_percentage < 100:
             raise ConfigError(
                 f"validation_split_percentage: expected a number in [0, 100), got {self.validation_split_percentage}"
@@ -150,6 +189,10 @@ class StoryArguments:
     @property
     def from_scratch(self) -> bool:
         return self.model_type is not None
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_8bit or self.load_in_4bit
 
 
 class _ArgumentError(ConfigError):
@@ -195,8 +238,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: expected one flat object of keys and values, got {type(values).__name__}")
     known = _field_names()
     for key in values:
-        if not key.startswith(COMMENT_PREFIX) and key not in known:
-            raise _unknown_key(key, str(path))
+        if not isinstance(key, str) or (not key.startswith(COMMENT_PREFIX) and key not in known):
+            raise _unknown_key(str(key), str(path))
     return {k: v for k, v in values.items() if not k.startswith(COMMENT_PREFIX)}
 
 

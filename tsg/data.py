@@ -64,6 +64,8 @@ def load_story_file(path: str, text_column: str = "text") -> Dataset:
         raise ConfigError(f"{path}: no such file of stories")
     suffix = file.suffix.lower()
     if suffix == ".txt":
+        if next(read_tinystories_txt(str(file)), None) is None:
+            raise ConfigError(f"{path}: no stories (the file is empty)")
         stat = file.stat()
         return Dataset.from_generator(
             _txt_generator, gen_kwargs={"path": str(file.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)}

@@ -1,8 +1,14 @@
-"""The tokenizer and the model: a pretrained causal LM to fine-tune, or a new one built from the config.
+"""The tokenizer and the model: a pretrained causal LM to fine-tune (in full, with LoRA adapters, or
+with adapters on 8-bit / 4-bit quantized weights: QLoRA), or a new one built from the config.
 
 From scratch, as the TinyStories paper did: `model_type` (gpt2, gpt_neo, ...) with the shape given in
 the config, randomly initialised, and a byte-level BPE tokenizer trained on the training stories
 unless `tokenizer_name` names one.
+
+QLoRA follows the known-good recipe: `BitsAndBytesConfig`, each process loading its copy on its own
+device, `prepare_model_for_kbit_training` (input gradients on, non-reentrant checkpointing), then
+`get_peft_model`. Adapters record their base model as an absolute path when it is a local folder, so
+that `tsg.merge` finds it from anywhere.
 """
 
 from __future__ import annotations
@@ -11,14 +17,19 @@ import json
 import sys
 from typing import Iterable
 
+from pathlib import Path
+
+import torch
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     GPT2TokenizerFast,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TrainingArguments,
 )
 
 from tsg.config import ConfigError, StoryArguments
@@ -73,8 +84,12 @@ def build_config(args: StoryArguments, tokenizer: PreTrainedTokenizerBase):
         "num_attention_heads": args.num_attention_heads,
         "max_position_embeddings": args.max_position_embeddings or args.block_size,
     }
-    overrides = args.config_overrides or {}
+    overrides = dict(args.config_overrides or {})
     defaults = CONFIG_MAPPING[args.model_type]()
+    if hasattr(defaults, "attention_types") and args.num_hidden_layers and "attention_types" not in overrides:
+        # GPT-Neo: alternate global and local attention over the layers asked for, as the TinyStories models do
+        n = args.num_hidden_layers
+        overrides["attention_types"] = [[["global", "local"], n // 2]] if n % 2 == 0 else [[["global"], n]]
     for key in overrides:
         if not hasattr(defaults, key):
             raise ConfigError(f"config_overrides: {args.model_type} has no config field {key!r}")
@@ -88,24 +103,110 @@ def build_config(args: StoryArguments, tokenizer: PreTrainedTokenizerBase):
             **{key: value for key, value in shape.items() if value is not None},
             **overrides,
         )
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # transformers' config validation raises several error types
         raise ConfigError(f"model_type={args.model_type!r}: {' '.join(str(e).split())[:300]}") from None
     return config
 
 
-def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A pretrained model (model_name_or_path) or a new, randomly initialised one (model_type)."""
+def quantization_config(args: StoryArguments, on_cpu: bool) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for load_in_8bit / load_in_4bit; None for full precision."""
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if args.load_in_4bit:
+        dtype = args.bnb_4bit_compute_dtype or ("float32" if on_cpu else "bfloat16")
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+        )
+    return None
+
+
+def lora_config(args: StoryArguments):
+    """The LoRA adapters: rank, alpha, dropout, and every linear layer but the output unless told otherwise."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_pretrained(args: StoryArguments, on_cpu: bool, process_index: int = 0) -> PreTrainedModel:
+    """The model_name_or_path weights, quantized on load when the config asks for it."""
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    quantization = quantization_config(args, on_cpu)
+    if quantization is not None:
+        # each process loads its own copy on its own device (under DDP, or all copies land on GPU 0)
+        kwargs.update(quantization_config=quantization, device_map={"": "cpu" if on_cpu else process_index})
+        if args.load_in_4bit:
+            kwargs["dtype"] = quantization.bnb_4bit_compute_dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model_name_or_path={args.model_name_or_path!r}: no causal LM could be loaded "
+            f"({' '.join(str(e).split())[:200]})"
+        ) from None
+
+
+def add_adapters(model: PreTrainedModel, args: StoryArguments, activation_checkpointing: bool):
+    """LoRA adapters on a frozen (possibly quantized) model."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit:
+        keep_trainable_layout(model)
+    if args.quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=activation_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif activation_checkpointing:
+        model.enable_input_require_grads()
+    try:
+        model = get_peft_model(model, lora_config(args))
+    except ValueError as e:
+        raise ConfigError(f"lora_target_modules: {' '.join(str(e).split())[:300]}") from None
+    base = Path(args.model_name_or_path)
+    if base.is_dir():
+        model.peft_config["default"].base_model_name_or_path = str(base.resolve())
+    return model
+
+
+def keep_trainable_layout(model: PreTrainedModel) -> None:
+    """Keep 4-bit weights in the layout that has a backward pass.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the
+    first time it runs in eval mode, and never packs it back: the training steps after the first
+    evaluation then fail (or would get no gradient through the base layers). Training runs keep the
+    standard layout throughout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
+               training_args: TrainingArguments | None = None) -> PreTrainedModel:
+    """A pretrained model (model_name_or_path), with adapters when use_peft, or a new one (model_type)."""
+    on_cpu = training_args.use_cpu if training_args is not None else not torch.cuda.is_available()
+    on_cpu = on_cpu or not torch.cuda.is_available()
     if args.from_scratch:
-        model = AutoModelForCausalLM.from_config(build_config(args, tokenizer), **kwargs)
-    else:
+        kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+        config = build_config(args, tokenizer)
         try:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"model_name_or_path={args.model_name_or_path!r}: no causal LM could be loaded "
-                f"({' '.join(str(e).split())[:200]})"
-            ) from None
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"attn_implementation={args.attn_implementation!r}: {' '.join(str(e).split())[:300]}") from None
+    else:
+        model = load_pretrained(args, on_cpu, training_args.local_process_index if training_args else 0)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     context = context_length(model.config)
@@ -114,6 +215,9 @@ def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase) -> PreT
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.use_peft:
+        checkpointing = bool(training_args and training_args.activation_checkpointing)
+        model = add_adapters(model, args, checkpointing)
     return model
 
 
@@ -125,6 +229,8 @@ def context_length(config) -> int | None:
 
 
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
-    """(trainable, total) parameters."""
+    """(trainable, total) parameters; a 4-bit weight counts as one parameter, not half a byte."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel counts packed 4-bit weights right
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

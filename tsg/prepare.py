@@ -37,16 +37,18 @@ def prepare(input_path: str, output_dir: str, ndata: int | None = None, train_fr
         raise ValueError(f"{input_path}: no stories (expected stories separated by <|endoftext|> lines)")
     dataset = Dataset.from_dict({"text": texts}).shuffle(seed=split_random_seed)
     n_train = max(1, round(len(texts) * train_fraction))
-    splits = {"train": dataset.select(range(n_train)), "valid": dataset.select(range(n_train, len(texts)))}
+    splits = {"train": dataset.select(range(n_train))}
+    if n_train < len(texts):
+        splits["valid"] = dataset.select(range(n_train, len(texts)))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, split in splits.items():
-        if len(split) == 0:
-            continue
         tmp = out / f".{name}.csv.tmp"
         split.to_csv(str(tmp), index=False)
         tmp.replace(out / f"{name}.csv")
-    return {name: len(split) for name, split in splits.items()}
+    if "valid" not in splits:  # no stale validation file from an earlier run beside the new train.csv
+        (out / "valid.csv").unlink(missing_ok=True)
+    return {"train": len(splits["train"]), "valid": len(splits.get("valid", []))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"tsg.prepare: error: {e}", file=sys.stderr)
         sys.exit(2)
+    written = "train.csv and valid.csv" if counts["valid"] else "train.csv (no stories left for valid.csv)"
     print(f"tsg.prepare: {counts['train']:,} training and {counts['valid']:,} validation stories "
-          f"in {args.output_dir}/train.csv and valid.csv")
+          f"in {args.output_dir}: {written}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: import the tsg package, not its modules as top-level ones
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+# tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
+from tsg import data, model as models  # isort: skip
+from tsg.config import ConfigError, StoryArguments, parse_args, write_run_config  # isort: skip
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
-
-from tsg import data, model as models
-from tsg.config import ConfigError, StoryArguments, parse_args, write_run_config
 
 
 class StoryTrainer(Trainer):
@@ -70,7 +70,7 @@ def build_tokenizer(args: StoryArguments, training_args: TrainingArguments, stor
     saved = Path(training_args.output_dir)
     with training_args.main_process_first(desc="train tokenizer"):
         if (resume or training_args.process_index > 0) and (saved / "tokenizer.json").is_file():
-            return models.with_pad_token(models.AutoTokenizer.from_pretrained(saved))
+            return models.with_pad_token(AutoTokenizer.from_pretrained(saved))
         say(training_args, f"training a byte-level BPE tokenizer ({args.vocab_size} tokens) on the training stories")
         texts = (batch["text"] for batch in stories["train"].iter(batch_size=1000))
         tokenizer = models.train_tokenizer(texts, args.vocab_size)
@@ -96,8 +96,8 @@ def report_start(args, training_args, summary, model, blocks) -> None:
     trainable, total = models.count_parameters(model)
     world = training_args.world_size
     rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-    steps_per_epoch = max(1, math.ceil(len(blocks["train"]) / (training_args.per_device_train_batch_size * world))
-                          // training_args.gradient_accumulation_steps)
+    batches = math.ceil(len(blocks["train"]) / (training_args.per_device_train_batch_size * world))
+    steps_per_epoch = max(1, math.ceil(batches / training_args.gradient_accumulation_steps))
     total_steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         steps_per_epoch * training_args.num_train_epochs)
     for split in ("train", "validation"):
@@ -107,8 +107,11 @@ def report_start(args, training_args, summary, model, blocks) -> None:
                                f"{args.block_size} ({args.packing} packing), pad share {s['pad_share']:.2%}")
     if summary["empty_stories_skipped"]:
         say(training_args, f"skipped {summary['empty_stories_skipped']:,} empty stories")
-    say(training_args, f"model: {total:,} parameters ({trainable:,} trainable), "
-                       f"{'from scratch: ' + args.model_type if args.from_scratch else args.model_name_or_path}")
+    source = f"from scratch: {args.model_type}" if args.from_scratch else args.model_name_or_path
+    if args.use_peft:
+        bits = "4-bit " + args.bnb_4bit_quant_type if args.load_in_4bit else "8-bit" if args.load_in_8bit else "full-precision"
+        source += f", LoRA r={args.lora_r} alpha={args.lora_alpha} on {bits} weights"
+    say(training_args, f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%}); {source}")
     say(training_args, f"tokens per optimizer step = {training_args.per_device_train_batch_size} rows x "
                        f"{training_args.gradient_accumulation_steps} accumulation x {world} processes x "
                        f"{args.block_size} tokens = {rows_per_step * args.block_size:,}")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = build_tokenizer(args, training_args, stories, resume)
         tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
         summary = data.describe(stories, tokens, blocks, counts, args.block_size)
-        model = models.load_model(args, tokenizer)
+        model = models.load_model(args, tokenizer, training_args)
     except ConfigError as e:
         print(f"tsg: error: {e}", file=sys.stderr)
         sys.exit(2)
