@@ -2,8 +2,9 @@
 padded) greedy generation equal to one prompt at a time, markers, streaming, output files, the config file, the
 errors, and 8-bit / 4-bit loading.
 
-One tiny GPT-2 (2 layers, width 64, the 512-token sample tokenizer, context 64) is trained once for this module
-(one torch thread, a few seconds) with torch directly on short stories full of dogs, "dog" spelt in random tokenizations, so that it tells of dogs.
+One tiny GPT-2 (2 layers, width 64, the 512-token sample tokenizer, context 64) is trained once for this module,
+with torch directly (one thread, a few seconds), on short stories full of dogs, each "dog" spelt in a random
+tokenization, so that it tells of dogs and spells them in many ways.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from tsg.generate import GenerateError, Settings, banned_token_sequences, load_m
 
 CONTEXT = 64
 DOG = re.compile(r"\bdog\b", re.IGNORECASE)
-SENTENCES = ["The dog ran to the park.", "Dog was happy.", "Tom saw a dog and a dog saw Tom.", "The little dog liked to play.",
-             "Sue hugged her dog.", "One day, the dog found a big ball.", "The dog said woof to the cat."]
+SENTENCES = ["The dog ran to the park.", "Dog was happy.", "Tom saw a dog and a dog saw Tom.",
+             "The little dog liked to play.", "Sue hugged her dog.", "One day, the dog found a big ball.",
+             "The dog said woof to the cat."]
 
 
 def random_spelling(tokenizer, text: str, rng: random.Random) -> list[int]:
@@ -126,6 +128,9 @@ def test_banned_sequences_are_every_spelling_of_every_variant(tokenizer):
             if all(c in vocab for c in chunks):
                 expected.add(tuple(vocab[c] for c in chunks))
     assert sequences == expected
+    pieces = generate.token_pieces(tokenizer)
+    assert [generate.count_spellings(v.encode(), pieces) for v in variants] == \
+        [len(generate.spellings(v, pieces)) for v in variants]
     for text in variants:  # the canonical tokenization and the letter-by-letter one are among them
         assert tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) in sequences
     assert tuple(vocab[c] for c in ["d", "o", "g"]) in sequences
@@ -302,6 +307,8 @@ def test_context_overflow_lowers_max_new_tokens(model_dir, capsys):
     (["--top_p", "1.5"], "--top_p"),
     (["--quantization", "3bit"], "--quantization"),
     (["-n", "0"], "--num_return_sequences"),
+    (["--greedy", "-n", "2"], "--greedy would tell the same story each time"),
+    (["--banned_words", "dog", "extraordinary" * 3], "tokenizations with this vocabulary"),
 ])
 def test_cli_errors(model_dir, args, message, capsys):
     code, out, err = run_main(["--model", model_dir, *args], capsys)
@@ -343,10 +350,18 @@ def test_adapter_run_loads_the_merged_model(model_dir, tmp_path, monkeypatch):
     (run / "adapter_config.json").write_text("{}")
     calls = []
     fake = types.ModuleType("tsg.merge")
+    fake.MergeError = type("MergeError", (RuntimeError,), {})
     fake.merged_model_dir = lambda run_dir: calls.append(run_dir) or model_dir
     monkeypatch.setitem(sys.modules, "tsg.merge", fake)
     model, tokenizer = load_model(str(run), device="cpu")
     assert calls == [run] and model.config.n_embd == 64
+
+    def refuse(run_dir):
+        raise fake.MergeError("the merged logits differ from the adapter's")
+
+    fake.merged_model_dir = refuse
+    with pytest.raises(GenerateError, match="could not be merged .the merged logits differ"):
+        load_model(str(run), device="cpu")
 
 
 # --- quantized inference ---

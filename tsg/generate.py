@@ -130,9 +130,7 @@ def resolve_model_dir(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
-            from tsg.merge import merged_model_dir  # only adapter runs need it
-
-            return str(merged_model_dir(path))
+            return merged_adapter_run(path, name)
         if not (path / "config.json").is_file():
             raise GenerateError(f"--model {name}: not a model folder (no config.json, nor adapter_config.json "
                                 "for an adapter run)")
@@ -142,6 +140,20 @@ def resolve_model_dir(name: str) -> str:
     if looks_like_path(name):
         raise GenerateError(f"--model {name}: no such folder")
     return name
+
+
+def merged_adapter_run(path: Path, name: str) -> str:
+    """The folder of an adapter run's merged model (tsg.merge merges it once into RUN/merged)."""
+    import importlib
+
+    try:
+        merging = importlib.import_module("tsg.merge")  # only adapter runs need it
+        return str(merging.merged_model_dir(path))
+    except ImportError as e:
+        raise GenerateError(f"--model {name}: an adapter run, but tsg.merge cannot be imported ({e})") from None
+    except (merging.MergeError, OSError, ValueError) as e:
+        raise GenerateError(f"--model {name}: the adapter run could not be merged ({' '.join(str(e).split())[:200]})"
+                            ) from None
 
 
 def pick_device(device: str) -> str:
@@ -295,7 +307,8 @@ def prompt_texts(prompts, start_marker: str) -> list[str]:
         raise GenerateError("--prompt: no prompts")
     for i, prompt in enumerate(prompts, 1):
         if not prompt.strip():
-            raise GenerateError("--prompt: the prompt is empty" if len(prompts) == 1 else f"--prompt: prompt {i} is empty")
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            raise GenerateError(f"--prompt: {which} is empty")
     return [start_marker + prompt for prompt in prompts]
 
 
@@ -477,17 +490,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m tsg.generate", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = _Parser(prog="python -m tsg.generate", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                      epilog="Each long option is also a key of --config.")
     add = parser.add_argument
-    add("--config", help="JSON or YAML file of options (long names as keys; `//` keys are comments)")
-    add("--model", help="folder saved by tsg.train, an adapter run (adapter_config.json), or a hub name")
-    add("--prompt", "-q", help=f"how the story starts (default: {DEFAULT_PROMPT!r}, unless --prompts_file gives prompts; "
-        "with it, this prompt comes first)")
-    add("--prompts_file", help="text file of prompts, one a line (blank lines skipped)")
-    add("--num_return_sequences", "-n", type=int, default=1, help="stories per prompt")
-    add("--seed", "-rnd", type=int, default=0, help="random seed: same seed, settings and model, same stories")
-    add("--max_new_tokens", type=int, default=200, help="most tokens added to each prompt")
+    add("--config", metavar="FILE", help="JSON or YAML file of options (long names as keys; `//` keys are comments)")
+    add("--model", metavar="DIR", help="folder saved by tsg.train, an adapter run (adapter_config.json), or a hub name")
+    add("--prompt", "-q", metavar="TEXT", help=f"how the story starts (default: {DEFAULT_PROMPT!r} unless "
+        "--prompts_file gives prompts; with it, this prompt comes first)")
+    add("--prompts_file", metavar="FILE", help="text file of prompts, one a line (blank lines skipped)")
+    add("--num_return_sequences", "-n", metavar="N", type=int, default=1, help="stories per prompt")
+    add("--seed", "-rnd", metavar="N", type=int, default=0,
+        help="random seed: same seed, settings and model, same stories")
+    add("--max_new_tokens", metavar="N", type=int, default=200, help="most tokens added to each prompt")
     add("--do_sample", dest="do_sample", action="store_true", default=True, help="sample the tokens (default)")
     add("--greedy", dest="do_sample", action="store_false", help="take the likeliest token (or beams) instead")
     add("--temperature", type=float, default=1.0, help="sampling temperature, > 0")
@@ -498,13 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--length_penalty", type=float, default=1.0, help="beam search: > 0 favours longer stories, < 0 shorter")
     add("--banned_words", nargs="+", default=[], metavar="WORD",
         help="words never told, in any tokenization, with a leading space or capitalised")
-    add("--banned_words_file", help="text file of banned words, one a line")
-    add("--start_marker", default="", help="text put before each prompt (e.g. <|startoftext|> for tsg.prepare's CSV)")
-    add("--end_marker", default="", help="text that ends a story besides the eos token")
+    add("--banned_words_file", metavar="FILE", help="text file of banned words, one a line")
+    add("--start_marker", metavar="TEXT", default="",
+        help="text put before each prompt (e.g. <|startoftext|> for a model trained on tsg.prepare's CSV)")
+    add("--end_marker", metavar="TEXT", default="", help="text that ends a story besides the eos token")
     add("--quantization", choices=QUANTIZATIONS, default="none", help="load the weights in 8 or 4 bits (bitsandbytes)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add("--batch_size", type=int, default=8, help="prompts generated together (left padded)")
-    add("--output", help="also write the stories, one row each with the settings, to FILE.csv or FILE.jsonl")
+    add("--batch_size", type=int, default=8, help="prompts generated together, each with its -n stories (left padded)")
+    add("--output", metavar="FILE",
+        help="also write the stories, one row each with the settings, to FILE.csv or FILE.jsonl (atomically)")
     return parser
 
 
@@ -647,6 +664,7 @@ def main(argv: list[str] | None = None) -> None:
             check_output_path(args.output)
         with progress_bars_only_on_a_terminal():
             model, tokenizer = load_model(args.model, args.quantization, args.device)
+        banned_token_sequences(tokenizer, settings.banned_words)  # a word that cannot be banned stops here
         settings = fit_to_context(model, tokenizer, prompts, settings)
         stream = (not args.output and len(prompts) == 1 and settings.num_return_sequences == 1
                   and settings.num_beams == 1)
@@ -659,7 +677,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         record = {"model": args.model, "quantization": args.quantization, "device": str(model.device),
                   **settings.record()}
-        path = write_stories(args.output, stories, record)
+        try:
+            path = write_stories(args.output, stories, record)
+        except OSError as e:
+            print(f"{PROG}: error: --output {args.output}: cannot write ({e.strerror or e})", file=sys.stderr)
+            sys.exit(2)
         print(f"{PROG}: wrote {len(stories)} stories to {path}", file=sys.stderr)
 
 

@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,17 +86,25 @@ def _quantized_gap(run_dir: Path, base: str, quantization: dict, ids: torch.Tens
 
 def merge(run_dir: str | Path, out_dir: str | Path, atol: float = ATOL, rtol: float = RTOL) -> dict:
     """Merge run_dir's adapter into its full-precision base and save model + tokenizer to out_dir."""
+    with warnings.catch_warnings():
+        # an adapter trained on 4-bit weights meets GPT-2's Conv1D layers: peft transposes, and says so;
+        # peft still asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return _merge(Path(run_dir), Path(out_dir), atol, rtol)
+
+
+def _merge(run_dir: Path, out_dir: Path, atol: float, rtol: float) -> dict:
     from peft import PeftModel
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
     base = adapter_base(run_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise MergeError(f"{run_dir}: its base model {base!r} could not be loaded ({' '.join(str(e).split())[:200]})")
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
-    adapted = PeftModel.from_pretrained(model, str(run_dir)).eval()
     ids = tokenizer(PROBE, return_tensors="pt").input_ids
+    adapted = PeftModel.from_pretrained(model, str(run_dir)).eval()
     adapter_logits = _logits(adapted, ids)
     merged = adapted.merge_and_unload()
     merged_logits = _logits(merged, ids)

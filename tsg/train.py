@@ -135,27 +135,27 @@ def setup_wandb(training_args: TrainingArguments, run_name: str) -> None:
                            f"wandb sync {training_args.output_dir}/wandb/offline-run-*")
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
-        resume = resolve_resume(training_args, args.overwrite_output_dir)
-        if args.overwrite_output_dir and not resume and training_args.process_index == 0:
-            for old in Path(training_args.output_dir).glob("checkpoint-*"):
-                shutil.rmtree(old)
-        set_seed(training_args.seed)
-        setup_wandb(training_args, Path(training_args.output_dir).name)
-        if training_args.process_index == 0:
-            write_run_config(args, training_args)
-        stories, counts = data.load_stories(args, seed=training_args.data_seed or training_args.seed)
-        tokenizer = build_tokenizer(args, training_args, stories, resume)
-        tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
-        summary = data.describe(stories, tokens, blocks, counts, args.block_size)
-        model = models.load_model(args, tokenizer, training_args)
-    except ConfigError as e:
-        print(f"tsg: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    report_start(args, training_args, summary, model, blocks)
-    trainer = StoryTrainer(
+def prepare_run(args: StoryArguments, training_args: TrainingArguments) -> str | None:
+    """Check the output folder, seed, set up W&B and record the run config; returns the checkpoint to resume."""
+    resume = resolve_resume(training_args, args.overwrite_output_dir)
+    if args.overwrite_output_dir and not resume and training_args.process_index == 0:
+        for old in Path(training_args.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(old)
+    set_seed(training_args.seed)
+    setup_wandb(training_args, Path(training_args.output_dir).name)
+    if training_args.process_index == 0:
+        write_run_config(args, training_args)
+    return resume
+
+
+def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume: str | None) -> StoryTrainer:
+    """Stories -> tokenizer -> packed blocks -> model -> Trainer, printing what was built."""
+    stories, counts = data.load_stories(args, seed=training_args.data_seed or training_args.seed)
+    tokenizer = build_tokenizer(args, training_args, stories, resume)
+    tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
+    model = models.load_model(args, tokenizer, training_args)
+    report_start(args, training_args, data.describe(stories, tokens, blocks, counts, args.block_size), model, blocks)
+    return StoryTrainer(
         model=model,
         args=training_args,
         train_dataset=blocks["train"],
@@ -163,17 +163,32 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+
+
+def save(trainer: StoryTrainer, result) -> None:
+    """The final model and tokenizer (or adapter), metrics, and a last evaluation."""
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    if "validation" in blocks:
+    if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    say(training_args, f"saved the model and tokenizer in {training_args.output_dir}")
+    say(trainer.args, f"saved the {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} "
+                      f"and tokenizer in {trainer.args.output_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+        resume = prepare_run(args, training_args)
+        trainer = build_trainer(args, training_args, resume)
+    except ConfigError as e:
+        print(f"tsg: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    result = trainer.train(resume_from_checkpoint=resume)
+    save(trainer, result)
 
 
 if __name__ == "__main__":
