@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Machines without an NVIDIA GPU get this CPU build of torch, so that pip never pulls a multi-GB CUDA build.
+# Machines without an NVIDIA GPU get torch pinned first, so that the open `torch` requirement never pulls a
+# multi-GB CUDA build. Where the registry pip uses serves CUDA builds under that pin, add the CPU index:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 CONFIG ?= configs/tiny_cpu.json
 LAUNCH ?=
@@ -20,7 +23,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	command -v nvidia-smi >/dev/null 2>&1 || \
+		$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -388,11 +388,15 @@ def test_block_collator_modes():
     assert torch.equal(sdpa["labels"], torch.tensor(rows["labels"]))
     # row 0 = story 1 (4 tokens) + first token of story 2: that token sees only itself
     assert sdpa["attention_mask"][0, 0, 4].tolist() == [False, False, False, False, True]
-    eager = data.BlockCollator("eager", torch.bfloat16)(batch_rows)
-    assert eager["attention_mask"].dtype == torch.bfloat16
+    eager = data.BlockCollator("eager")(batch_rows)
+    assert eager["attention_mask"].dtype == torch.float32
     assert torch.equal(eager["attention_mask"] == 0, sdpa["attention_mask"])
+    # flash attention separates stories by position ids only in a single row: the batch is flattened
     flash = data.BlockCollator("flash_attention_2")(batch_rows)
-    assert "attention_mask" not in flash and "position_ids" in flash
+    assert "attention_mask" not in flash
+    assert flash["input_ids"].shape == (1, 15) and torch.equal(flash["input_ids"][0], sdpa["input_ids"].flatten())
+    assert torch.equal(flash["position_ids"][0], sdpa["position_ids"].flatten())
+    assert torch.equal(flash["labels"][0], sdpa["labels"].flatten())
     concat = data.pack_stories(HAND, 5, "concat", P)
     concat_rows = [{k: v[i].tolist() for k, v in concat.items()} for i in range(3)]
     batch = data.BlockCollator("sdpa")(concat_rows)

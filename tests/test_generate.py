@@ -342,6 +342,10 @@ def test_unknown_config_key_is_named_with_a_close_match(model_dir, tmp_path, cap
     config.write_text(json.dumps({"model": str(model_dir), "top_k": "many"}))
     code, out, err = run_main(["--config", config], capsys)
     assert code == 2 and "top_k: expected an integer, got 'many'" in err
+    config = tmp_path / "gen.yaml"
+    config.write_text(f"model: {model_dir}\n4: layers\n")  # YAML reads the key as a number
+    code, out, err = run_main(["--config", config], capsys)
+    assert code == 2 and "unknown key '4'" in err and err.count("\n") == 1
 
 
 def test_adapter_run_loads_the_merged_model(model_dir, tmp_path, monkeypatch):

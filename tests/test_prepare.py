@@ -84,11 +84,9 @@ def test_split_without_validation_stories(tmp_path, source, kwargs, n_train):
 
 def test_no_stale_valid_csv_when_everything_trains(tmp_path, source):
     path, _ = source
-    prepare.prepare(str(path), str(tmp_path / "out"), train_fraction=0.5)
-    try:
-        prepare.prepare(str(path), str(tmp_path / "out"), train_fraction=1.0)
-    except IndexError:
-        pass
+    assert prepare.prepare(str(path), str(tmp_path / "out"), train_fraction=0.5)["valid"] > 0
+    assert (tmp_path / "out" / "valid.csv").exists()
+    assert prepare.prepare(str(path), str(tmp_path / "out"), train_fraction=1.0)["valid"] == 0
     assert not (tmp_path / "out" / "valid.csv").exists()
 
 

@@ -161,6 +161,25 @@ def test_rerun_into_checkpoints_is_refused_unless_overwrite(tmp_path, small_txt,
     assert state(out)["global_step"] == 2
 
 
+def test_overwrite_deletes_nothing_when_the_new_run_is_refused(tmp_path, small_txt, capsys):
+    out = tmp_path / "out"
+    assert run_main(tiny_cli(small_txt, out, max_steps=2, save_steps=2)) == 0
+    record = (out / "run_config.json").read_text()
+    bad = tiny_cli(tmp_path / "missing.txt", out, "--overwrite_output_dir", "true", max_steps=2)
+    assert run_main(bad) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert (out / "checkpoint-2").is_dir() and (out / "model.safetensors").is_file()
+    assert (out / "run_config.json").read_text() == record
+
+
+def test_evaluation_without_validation_stories_is_refused_before_training(tmp_path, small_txt, capsys):
+    argv = tiny_cli(small_txt, tmp_path / "out", validation_split_percentage=0, eval_strategy="steps", eval_steps=1)
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tsg: error: eval_strategy='steps' needs validation stories") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "run_config.json").exists()
+
+
 # --- errors through main ---
 
 

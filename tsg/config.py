@@ -23,7 +23,6 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 COMMENT_PREFIX = "//"
-PACKING_MODES = ("isolated", "concat", "pad")
 DEFAULT_DATASET = "roneneldan/TinyStories"
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 

@@ -11,11 +11,13 @@ Packing modes (`packing` in the config):
 - isolated: stories are laid end to end in `block_size` rows; each story piece attends only to
   itself (block-diagonal causal mask) and its position ids restart at 0, so a packed story's logits
   equal its logits alone. A story that crosses a row boundary is split there; the piece in the next
-  row starts again at position 0. The first token of each piece has no label (nothing to predict it from).
+  row starts again at position 0. The first token of each piece has no label (nothing to predict it
+  from): the only labels lost, about one token a row.
 - concat: plain concatenation, as run_clm's group_texts: tokens attend across story boundaries.
 - pad: one story per row, padded to `block_size` (longer stories split), as the seed project did.
 
-The story's own EOS keeps its label in every mode: a model must learn to end a story.
+The story's own EOS keeps its label in every mode (in `isolated`, unless a row boundary falls right
+before it): a model must learn to end a story.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def load_stories(args: StoryArguments, seed: int) -> tuple[DatasetDict, dict]:
     return DatasetDict(splits), counts
 
 
-def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = None) -> DatasetDict:
+def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = None,
+                     overwrite_cache: bool = False) -> DatasetDict:
     """Token ids of every story, each ending in the tokenizer's EOS token (batched, cached)."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -149,7 +152,8 @@ def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = Non
         return {"input_ids": [story + [eos] for story in ids]}
 
     return stories.map(
-        tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], desc="Tokenizing stories"
+        tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], load_from_cache_file=not overwrite_cache,
+        desc="Tokenizing stories",
     )
 
 
@@ -192,7 +196,7 @@ def pack_stories(stories: list[list[int]], block_size: int, packing: str, pad_to
 
 
 def pack_dataset(tokens: DatasetDict, block_size: int, packing: str, pad_token_id: int,
-                 num_proc: int | None = None) -> DatasetDict:
+                 num_proc: int | None = None, overwrite_cache: bool = False) -> DatasetDict:
     """Packed rows of `block_size` tokens for every split (batched, cached)."""
     return tokens.map(
         lambda batch: pack_stories(batch["input_ids"], block_size, packing, pad_token_id),
@@ -200,6 +204,7 @@ def pack_dataset(tokens: DatasetDict, block_size: int, packing: str, pad_token_i
         batch_size=MAP_BATCH_SIZE,
         num_proc=num_proc,
         remove_columns=["input_ids"],
+        load_from_cache_file=not overwrite_cache,
         desc=f"Packing stories ({packing}, {block_size} tokens)",
     )
 
@@ -238,18 +243,19 @@ def block_causal_mask(position_ids: torch.Tensor, additive: bool, dtype: torch.d
 class BlockCollator:
     """Stacks packed rows into a batch; for `isolated` rows, adds the mask that keeps stories apart.
 
-    With flash attention the restarted position_ids alone separate the stories, so no mask is built.
+    With flash attention the batch is flattened into one row of B x block_size tokens and the
+    restarted position ids delimit the stories (transformers' varlen path, as DataCollatorWithFlattening).
     """
 
     attn_implementation: str = "sdpa"
-    mask_dtype: torch.dtype = torch.float32
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = {key: torch.tensor(np.array([row[key] for row in rows])) for key in rows[0]}
         if "position_ids" in batch:
             if self.attn_implementation.startswith("flash_attention"):
                 del batch["attention_mask"]
+                batch = {key: value.reshape(1, -1) for key, value in batch.items()}
             else:
                 additive = self.attn_implementation != "sdpa"
-                batch["attention_mask"] = block_causal_mask(batch["position_ids"], additive, self.mask_dtype)
+                batch["attention_mask"] = block_causal_mask(batch["position_ids"], additive)
         return batch

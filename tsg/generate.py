@@ -208,7 +208,6 @@ def load_model(name: str, quantization: str = "none", device: str = "auto"):
     return model.eval(), tokenizer
 
 
-load = load_model  # the earlier name
 
 
 # --- banned words ---
@@ -587,6 +586,7 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     actions = {name: a for name, a in _option_actions(parser).items() if name != "config"}
     defaults = {}
     for key, value in values.items():
+        key = str(key)  # YAML reads `4:` or `on:` as a number or a boolean
         if key.startswith(COMMENT_PREFIX):
             continue
         if key not in actions:

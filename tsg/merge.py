@@ -67,7 +67,9 @@ def _quantized_gap(run_dir: Path, base: str, quantization: dict, ids: torch.Tens
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
 
-    dtype = getattr(torch, quantization.get("bnb_4bit_compute_dtype") or "float32")
+    # the compute dtype training chose when the config left it open: bf16 on GPU, fp32 on CPU
+    dtype = getattr(torch, quantization.get("bnb_4bit_compute_dtype")
+                    or ("bfloat16" if torch.cuda.is_available() else "float32"))
     if quantization.get("load_in_4bit"):
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["bnb_4bit_quant_type"] or "nf4",
                                     bnb_4bit_use_double_quant=bool(quantization["bnb_4bit_use_double_quant"]),
@@ -137,11 +139,11 @@ def _save_atomically(model, tokenizer, report: dict, out_dir: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        old = out_dir.with_name(f".{out_dir.name}.old")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent)) / "previous"
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

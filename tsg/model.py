@@ -166,8 +166,6 @@ def add_adapters(model: PreTrainedModel, args: StoryArguments, activation_checkp
             use_gradient_checkpointing=activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif activation_checkpointing:
-        model.enable_input_require_grads()
     try:
         model = get_peft_model(model, lora_config(args))
     except ValueError as e:

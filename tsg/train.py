@@ -64,30 +64,33 @@ def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | N
 
 
 def build_tokenizer(args: StoryArguments, training_args: TrainingArguments, stories, resume: str | None):
-    """The named tokenizer, or, from scratch, one trained on the training stories and saved in output_dir."""
+    """The named tokenizer, or, from scratch, one trained on the training stories and saved in output_dir.
+
+    A resumed run takes the tokenizer saved in its checkpoint. Every process, rank 0 included, then
+    loads the saved files, so that all of them fingerprint the same tokenizer and share one
+    tokenization cache.
+    """
     if args.tokenizer_name or not args.from_scratch:
         return models.load_tokenizer(args)
+    if resume and (Path(resume) / "tokenizer.json").is_file():
+        return models.with_pad_token(AutoTokenizer.from_pretrained(resume))
     saved = Path(training_args.output_dir)
-    with training_args.main_process_first(desc="train tokenizer"):
-        if (resume or training_args.process_index > 0) and (saved / "tokenizer.json").is_file():
-            return models.with_pad_token(AutoTokenizer.from_pretrained(saved))
-        say(training_args, f"training a byte-level BPE tokenizer ({args.vocab_size} tokens) on the training stories")
-        texts = (batch["text"] for batch in stories["train"].iter(batch_size=1000))
-        tokenizer = models.train_tokenizer(texts, args.vocab_size)
-        tokenizer.model_max_length = args.max_position_embeddings or args.block_size
+    with training_args.main_process_first(local=False, desc="train tokenizer"):
         if training_args.process_index == 0:
+            say(training_args, f"training a byte-level BPE tokenizer ({args.vocab_size} tokens) on the training stories")
+            texts = (batch["text"] for batch in stories["train"].iter(batch_size=1000))
+            tokenizer = models.train_tokenizer(texts, args.vocab_size)
+            tokenizer.model_max_length = args.max_position_embeddings or args.block_size
             tokenizer.save_pretrained(saved)
-        return tokenizer
+        return models.with_pad_token(AutoTokenizer.from_pretrained(saved))
 
 
 def build_blocks(args: StoryArguments, training_args: TrainingArguments, stories, tokenizer: PreTrainedTokenizerBase):
     """Tokenized, packed blocks (rank 0 first, the other processes read its cache)."""
     with training_args.main_process_first(desc="tokenize and pack"):
-        if args.overwrite_cache:
-            stories.cleanup_cache_files()
-        tokens = data.tokenize_stories(stories, tokenizer, args.preprocessing_num_workers)
+        tokens = data.tokenize_stories(stories, tokenizer, args.preprocessing_num_workers, args.overwrite_cache)
         blocks = data.pack_dataset(tokens, args.block_size, args.packing, tokenizer.pad_token_id,
-                                   args.preprocessing_num_workers)
+                                   args.preprocessing_num_workers, args.overwrite_cache)
     return tokens, blocks
 
 
@@ -135,22 +138,23 @@ def setup_wandb(training_args: TrainingArguments, run_name: str) -> None:
                            f"wandb sync {training_args.output_dir}/wandb/offline-run-*")
 
 
-def prepare_run(args: StoryArguments, training_args: TrainingArguments) -> str | None:
-    """Check the output folder, seed, set up W&B and record the run config; returns the checkpoint to resume."""
-    resume = resolve_resume(training_args, args.overwrite_output_dir)
-    if args.overwrite_output_dir and not resume and training_args.process_index == 0:
-        for old in Path(training_args.output_dir).glob("checkpoint-*"):
-            shutil.rmtree(old)
-    set_seed(training_args.seed)
-    setup_wandb(training_args, Path(training_args.output_dir).name)
-    if training_args.process_index == 0:
-        write_run_config(args, training_args)
-    return resume
+def clear_output(output_dir: str) -> None:
+    """--overwrite_output_dir: remove an earlier run's checkpoints, adapter and merged model."""
+    output = Path(output_dir)
+    for old in [*output.glob("checkpoint-*"), output / "merged"]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"):
+        (output / name).unlink(missing_ok=True)
 
 
 def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume: str | None) -> StoryTrainer:
     """Stories -> tokenizer -> packed blocks -> model -> Trainer, printing what was built."""
     stories, counts = data.load_stories(args, seed=training_args.data_seed or training_args.seed)
+    if training_args.eval_strategy != "no" and "validation" not in stories:
+        raise ConfigError(
+            f"eval_strategy={training_args.eval_strategy.value!r} needs validation stories: set validation_file "
+            "or validation_split_percentage > 0, or eval_strategy no"
+        )
     tokenizer = build_tokenizer(args, training_args, stories, resume)
     tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
     model = models.load_model(args, tokenizer, training_args)
@@ -182,11 +186,17 @@ def save(trainer: StoryTrainer, result) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
-        resume = prepare_run(args, training_args)
+        resume = resolve_resume(training_args, args.overwrite_output_dir)
+        set_seed(training_args.seed)
+        setup_wandb(training_args, Path(training_args.output_dir).name)
         trainer = build_trainer(args, training_args, resume)
     except ConfigError as e:
         print(f"tsg: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if training_args.process_index == 0:  # only now that everything was checked and built
+        if args.overwrite_output_dir and not resume:
+            clear_output(training_args.output_dir)
+        write_run_config(args, training_args)
     result = trainer.train(resume_from_checkpoint=resume)
     save(trainer, result)
 
