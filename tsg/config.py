@@ -24,6 +24,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 COMMENT_PREFIX = "//"
 DEFAULT_DATASET = "roneneldan/TinyStories"
+# TrainingArguments defaults that tsg changes (a config or the command line still overrides them): every
+# parameter of a causal LM is used, so DDP needs no search for unused ones; count the tokens seen.
+TSG_DEFAULTS = ["--ddp_find_unused_parameters", "false", "--include_num_input_tokens_seen", "true"]
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -109,6 +112,13 @@ class StoryArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if a cached result exists."})
 
     # --- the run ---
+    sample_prompts: Optional[list[str]] = field(
+        default=None, metadata={"help": "Story openings sampled during training (default: a fixed set of five)."}
+    )
+    sample_steps: int = field(
+        default=0, metadata={"help": "Every this many steps, tell stories from sample_prompts into W&B (0: never)."}
+    )
+    sample_max_new_tokens: int = field(default=128, metadata={"help": "Length budget of those sample stories."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over in an output_dir that holds checkpoints (they are deleted)."}
     )
@@ -176,6 +186,8 @@ class StoryArguments:
                 raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
+        if self.sample_steps < 0 or self.sample_max_new_tokens <= 0:
+            raise ConfigError("sample_steps must be >= 0 and sample_max_new_tokens > 0")
         if not 0 <= self.validation_split_percentage < 100:
             raise ConfigError(
                 f"validation_split_percentage: expected a number in [0, 100), got {self.validation_split_percentage}"
@@ -305,6 +317,7 @@ def parse_args(argv: list[str]) -> tuple[StoryArguments, TrainingArguments]:
         parser.parse_known_args(file_argv)
     except _ArgumentError as e:
         raise ConfigError(f"{source}: {e}") from None
+    file_argv = TSG_DEFAULTS + file_argv
     if not any(w.split("=", 1)[0] in ("--output_dir", "--output-dir") for w in file_argv + cli):
         name = Path(config_path).stem if config_path else "tsg"
         file_argv = ["--output_dir", str(Path("runs") / name)] + file_argv

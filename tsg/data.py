@@ -148,7 +148,7 @@ def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = Non
 
     def tokenize(batch):  # a story that already ends in the EOS text (tsg.prepare's marker) gets it once
         texts = [t.strip().removesuffix(marker).rstrip() for t in batch["text"]]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # long stories are split later
         return {"input_ids": [story + [eos] for story in ids]}
 
     return stories.map(

@@ -12,6 +12,7 @@ config and the versions it ran with), checkpoints and metrics.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -24,17 +25,35 @@ if __name__ == "__main__" and not __package__:  # run as a file: import the tsg 
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
 from tsg import data, model as models  # isort: skip
 from tsg.config import ConfigError, StoryArguments, parse_args, write_run_config  # isort: skip
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped before the optimizer step."""
+
+
 class StoryTrainer(Trainer):
-    """The HF Trainer, logging perplexity beside every eval loss."""
+    """The HF Trainer, logging perplexity beside every eval loss and stopping on a NaN or infinite loss."""
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # every process takes part in the check, so that all of them stop together (no rank left waiting)
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+        if bad.item() > 0:
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise NonFiniteLoss(
+                f"the training loss is {loss.item()} at step {self.state.global_step + 1}; stopped before the "
+                f"optimizer step. The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}: "
+                "resume from it with a lower learning_rate (or max_grad_norm, warmup_steps)"
+            )
+        return loss
 
 
 def say(training_args: TrainingArguments, message: str) -> None:
@@ -42,8 +61,26 @@ def say(training_args: TrainingArguments, message: str) -> None:
         print(f"tsg: {message}", flush=True)
 
 
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint cut short by a crash has none, or half of one."""
+    try:
+        state = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return f"checkpoint-{state.get('global_step')}" == Path(folder).name
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint in output_dir that was written to the end."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if is_complete_checkpoint(folder):
+            return str(folder)
+    return None
+
+
 def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | None:
-    """The checkpoint to resume from (`resume_from_checkpoint`: true = the latest in output_dir, or a path)."""
+    """The checkpoint to resume from (`resume_from_checkpoint`: true = the newest complete one, or a path)."""
     value = training_args.resume_from_checkpoint
     output = Path(training_args.output_dir)
     existing = get_last_checkpoint(str(output)) if output.is_dir() else None
@@ -55,11 +92,15 @@ def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | N
             )
         return None
     if str(value).lower() == "true":
-        if existing is None:
-            raise ConfigError(f"resume_from_checkpoint=true but output_dir={str(output)!r} holds no checkpoint")
-        return existing
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint={value!r} is not a checkpoint folder (no trainer_state.json)")
+        complete = last_complete_checkpoint(output) if output.is_dir() else None
+        if complete is None:
+            raise ConfigError(f"resume_from_checkpoint=true but output_dir={str(output)!r} holds no complete checkpoint")
+        if existing != complete:
+            say(training_args, f"{existing} was cut short (no complete trainer_state.json): resuming from {complete}")
+        return complete
+    if not is_complete_checkpoint(value):
+        raise ConfigError(f"resume_from_checkpoint={value!r} is not a complete checkpoint folder "
+                          "(no readable trainer_state.json for its step)")
     return value
 
 
@@ -159,7 +200,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
     tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
     model = models.load_model(args, tokenizer, training_args)
     report_start(args, training_args, data.describe(stories, tokens, blocks, counts, args.block_size), model, blocks)
-    return StoryTrainer(
+    trainer = StoryTrainer(
         model=model,
         args=training_args,
         train_dataset=blocks["train"],
@@ -167,6 +208,12 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
+    if args.sample_steps and "wandb" in training_args.report_to:
+        from tsg.callbacks import SampleStoriesCallback
+
+        trainer.add_callback(SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
+                                                   args.sample_max_new_tokens))
+    return trainer
 
 
 def save(trainer: StoryTrainer, result) -> None:
@@ -197,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.overwrite_output_dir and not resume:
             clear_output(training_args.output_dir)
         write_run_config(args, training_args)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLoss as e:
+        print(f"tsg: error: {e}", file=sys.stderr)
+        sys.exit(1)
     save(trainer, result)
 
 
