@@ -111,3 +111,26 @@ def test_loss_tracks_a_one_process_run_with_the_same_global_batch(runs):
     assert len(_losses(two)) == len(_losses(one)) == STEPS
     for step, (a, b) in enumerate(zip(_losses(two), _losses(one)), start=1):
         assert abs(a - b) < 0.01, (step, a, b)
+
+
+def test_qlora_trains_under_two_processes(tmp_path, small_txt, tokenizer):
+    """4-bit QLoRA with each process loading its own quantized copy: one adapter saved, replicas equal."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_layer=2, n_embd=64, n_head=4, n_positions=128)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    out = tmp_path / "qlora"
+    argv = tiny_cli(small_txt, out, "--load_in_4bit", "true", model_type=None, num_hidden_layers=None,
+                    hidden_size=None, num_attention_heads=None, model_name_or_path=str(base), use_peft="true",
+                    max_steps=3, per_device_train_batch_size=4)
+    _run([*accelerate_launch_cmd(), "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), str(probe)], argv, out)
+    probes = [json.loads((out / f"probe-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [p["world_size"] for p in probes] == [2, 2] and [len(p["batches"]) for p in probes] == [3, 3]
+    assert probes[0]["weights"] == probes[1]["weights"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()

@@ -312,3 +312,27 @@ def test_bad_key_in_script_form_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("tsg: error: command line: unknown key 'learnin_rate'")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- the speed and memory levers are config fields that work ---
+
+
+@pytest.mark.parametrize("levers", [
+    ["--activation_checkpointing", "true", "--gradient_accumulation_steps", "2"],
+    ["--torch_compile", "true"],
+], ids=["checkpointing+accumulation", "torch_compile"])
+def test_training_levers_train_and_save(tmp_path, small_txt, levers):
+    out = tmp_path / "out"
+    assert run_main(tiny_cli(small_txt, out, *levers, max_steps=3, max_train_samples=60)) == 0
+    assert state(out)["global_step"] == 3
+    check_loads(out)
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    for flag, value in zip(levers[::2], levers[1::2]):  # recorded as asked
+        assert str(config[flag[2:]]).lower() == value
+
+
+def test_bf16_on_a_cpu_trains_in_fp32_with_a_note(tmp_path, small_txt, capsys):
+    out = tmp_path / "out"
+    assert run_main(tiny_cli(small_txt, out, "--bf16", "true", max_steps=1, max_train_samples=20)) == 0
+    assert "bf16 asked for, but this run is on the CPU: it trains in fp32" in capsys.readouterr().err
+    assert json.loads((out / "run_config.json").read_text())["config"]["bf16"] is False

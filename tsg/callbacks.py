@@ -1,0 +1,212 @@
+"""W&B extras for training runs (`--report_to wandb`), as Trainer callbacks.
+
+`SampleStoriesCallback` tells one story per prompt every `sample_steps` optimizer steps and once more at the end
+of training, and logs them to the active W&B run as a table under the key `samples` (columns step, prompt,
+story). The table is cumulative: W&B tables cannot change once logged, so each log is a new table holding every
+row so far, and the latest one shows how the stories changed from step to step. It grows with the number of
+samplings (n samplings write about n^2/2 rows in all), so keep sample_steps at a hundredth of the run or more.
+The stories are greedy (the likeliest token each time): the same prompt tells the same story until the
+weights change, so the rows compare across steps. Telling them leaves every random generator as it was, so
+sampling does not change the training run.
+
+`WandbConfigCallback` adds tsg's own fields (block_size, packing, sample_prompts, ...) to the W&B run config,
+beside the TrainingArguments and model config that transformers' WandbCallback logs.
+
+Throughput needs no callback of its own: with `include_num_input_tokens_seen` (on in tsg), every training log
+of the Trainer carries `num_input_tokens_seen` and `train_tokens_per_second` (tokens seen in this session over
+the time since training began), which W&B shows as `train/num_input_tokens_seen` and
+`train/train_tokens_per_second`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from tsg.generate import Settings, prompt_texts, tell_stories
+from tsg.model import context_length
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "Once upon a time",
+    "Tom and Lily went to the park",
+    "One day, a little girl named Lily found a",
+    "The big dog was sad because",
+    "Ben wanted to fly like a bird, so",
+)
+SAMPLES_KEY = "samples"
+SAMPLE_COLUMNS = ("step", "prompt", "story")
+STEP_METRIC = "train/global_step"  # the x axis transformers' WandbCallback defines for every metric
+
+
+def _active_run():
+    """The active W&B run, or None (wandb is imported only when a run may exist)."""
+    import wandb
+
+    return wandb.run
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """Python's, NumPy's and torch's (CPU and initialised CUDA) random generators as they were on entry.
+
+    tell_stories seeds them all; the training run must go on drawing the numbers it would have drawn."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _sharded(model) -> bool:
+    """Whether the weights are split across processes (DeepSpeed ZeRO-3, FSDP): then every process must take
+    part in generate, which gathers them layer by layer."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return True
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = FullyShardedDataParallel
+    return any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules())
+
+
+class SampleStoriesCallback(TrainerCallback):
+    """Every `every` optimizer steps and at the end of training, one greedy story per prompt, logged to W&B as a
+    cumulative table under `samples` (columns step, prompt, story). Only the main process logs.
+
+    `prompts=None` takes DEFAULT_SAMPLE_PROMPTS. `settings` (tsg.generate.Settings) replaces the greedy
+    decoding; its seed then makes sampled stories repeatable. Works with a plain model, a PeftModel and one
+    wrapped for DDP; under FSDP or ZeRO-3 every process generates (the weights are sharded), the main one logs.
+    """
+
+    def __init__(self, tokenizer, prompts=None, every: int = 500, max_new_tokens: int = 128,
+                 settings: Settings | None = None):
+        prompts = list(DEFAULT_SAMPLE_PROMPTS if prompts is None else ([prompts] if isinstance(prompts, str) else prompts))
+        prompt_texts(prompts, "")  # no prompts, or an empty one, stop here
+        if every < 1:
+            raise ValueError(f"SampleStoriesCallback: every must be a positive number of steps, got {every}")
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.every = every
+        self.settings = replace(settings or Settings(do_sample=False), max_new_tokens=max_new_tokens)
+        self.settings.check()
+        self.rows: list[list] = []  # every (step, prompt, story) logged so far
+        self.last_step: int | None = None  # the step whose stories were told last
+        self._warned_no_run = False
+
+    # --- Trainer events ---
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Stop before training on a prompt that fills the model's context; shorten the stories to fit it."""
+        context = context_length(model.config) if model is not None else None
+        if context is None:
+            return
+        start = self.settings.start_marker
+        longest = max(len(ids) for ids in self.tokenizer(prompt_texts(self.prompts, start))["input_ids"])
+        if longest >= context:
+            raise ValueError(f"sample_prompts: a prompt is {longest} tokens long, but the model's context is "
+                             f"{context} tokens: shorten it")
+        if longest + self.settings.max_new_tokens > context:
+            logger.info("sample stories: max_new_tokens %d lowered to %d to fit the model's context of %d tokens",
+                        self.settings.max_new_tokens, context - longest, context)
+            self.settings = replace(self.settings, max_new_tokens=context - longest)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.sample(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step != self.last_step:
+            self.sample(state, model)
+
+    # --- the work ---
+
+    def tell(self, model) -> list:
+        """One story per prompt from `model` as it is now (eval mode and no grad while telling; modes restored)."""
+        from accelerate.utils import extract_model_from_parallel
+
+        full_params = contextlib.nullcontext()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            if isinstance(model, FullyShardedDataParallel):  # FSDP1: gather the root's weights, as Seq2SeqTrainer does
+                full_params = FullyShardedDataParallel.summon_full_params(model, writeback=False)
+        inner = extract_model_from_parallel(model)  # DDP, DeepSpeed and FSDP1 wrappers off; a PeftModel stays
+        was_training = inner.training
+        inner.eval()
+        try:
+            with _random_state_kept(), full_params, torch.no_grad():
+                return tell_stories(inner, self.tokenizer, self.prompts, self.settings)
+        finally:
+            inner.train(was_training)
+
+    def sample(self, state, model) -> None:
+        """Tell the stories at this step and log the cumulative table (main process)."""
+        if model is None or not (state.is_world_process_zero or _sharded(model)):
+            return
+        stories = self.tell(model)
+        self.last_step = state.global_step
+        if not state.is_world_process_zero:
+            return
+        self.rows += [[state.global_step, story.prompt, story.text] for story in stories]
+        run = _active_run()
+        if run is None:
+            if not self._warned_no_run:
+                logger.warning("sample stories: no active W&B run to log them to (is report_to wandb?)")
+                self._warned_no_run = True
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(SAMPLE_COLUMNS), data=[list(row) for row in self.rows])
+        run.log({SAMPLES_KEY: table, STEP_METRIC: state.global_step})
+
+
+class WandbConfigCallback(TrainerCallback):
+    """Adds tsg's own fields (StoryArguments: block_size, packing, ...) and the tsg version to the W&B run config.
+
+    A field whose name the config already holds (the model config's vocab_size, hidden_size, ...: the values the
+    model was built with) keeps that value; tsg's, where it differs, goes in as `tsg/<name>`."""
+
+    def __init__(self, story_args):
+        self.values = asdict(story_args)
+        self.done = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.update(state)
+
+    def on_log(self, args, state, control, **kwargs):  # in case the run began after this callback's on_train_begin
+        self.update(state)
+
+    def update(self, state) -> None:
+        if self.done or not state.is_world_process_zero:
+            return
+        run = _active_run()
+        if run is None:
+            return
+        from tsg import __version__
+
+        config = run.config
+        values = {"tsg_version": __version__}
+        for name, value in self.values.items():
+            if name not in config:
+                values[name] = value
+            elif config[name] != value:
+                values[f"tsg/{name}"] = value
+        config.update(values, allow_val_change=True)
+        self.done = True
