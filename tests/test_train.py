@@ -138,9 +138,9 @@ def test_resume_continues_from_the_checkpoint(tmp_path, small_txt, capsys):
 def test_resume_errors(tmp_path, small_txt, capsys):
     out = tmp_path / "out"
     assert run_main(tiny_cli(small_txt, out, "--resume_from_checkpoint", "true")) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "holds no complete checkpoint" in capsys.readouterr().err
     assert run_main(tiny_cli(small_txt, out, "--resume_from_checkpoint", str(tmp_path))) == 2
-    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert "not a complete checkpoint folder" in capsys.readouterr().err
 
 
 def test_rerun_into_checkpoints_is_refused_unless_overwrite(tmp_path, small_txt, capsys):

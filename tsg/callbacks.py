@@ -97,7 +97,9 @@ class SampleStoriesCallback(TrainerCallback):
 
     def __init__(self, tokenizer, prompts=None, every: int = 500, max_new_tokens: int = 128,
                  settings: Settings | None = None):
-        prompts = list(DEFAULT_SAMPLE_PROMPTS if prompts is None else ([prompts] if isinstance(prompts, str) else prompts))
+        if prompts is None:
+            prompts = DEFAULT_SAMPLE_PROMPTS
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompt_texts(prompts, "")  # no prompts, or an empty one, stop here
         if every < 1:
             raise ValueError(f"SampleStoriesCallback: every must be a positive number of steps, got {every}")

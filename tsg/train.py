@@ -208,11 +208,13 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
-    if args.sample_steps and "wandb" in training_args.report_to:
-        from tsg.callbacks import SampleStoriesCallback
+    if "wandb" in training_args.report_to:
+        from tsg.callbacks import SampleStoriesCallback, WandbConfigCallback
 
-        trainer.add_callback(SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
-                                                   args.sample_max_new_tokens))
+        trainer.add_callback(WandbConfigCallback(args))
+        if args.sample_steps:
+            trainer.add_callback(SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
+                                                       args.sample_max_new_tokens))
     return trainer
 
 
