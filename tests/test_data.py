@@ -401,3 +401,16 @@ def test_block_collator_modes():
     concat_rows = [{k: v[i].tolist() for k, v in concat.items()} for i in range(3)]
     batch = data.BlockCollator("sdpa")(concat_rows)
     assert batch["attention_mask"].shape == (3, 5) and "position_ids" not in batch
+
+
+def test_counts_for_bits_per_byte_respect_the_split():
+    """UTF-8 bytes of a split's stories only (a split is a view on a bigger table), and labelled tokens."""
+    from datasets import Dataset
+
+    parts = Dataset.from_dict({"text": ["héllo", "ab", "xyz"]}).train_test_split(test_size=1, seed=0)
+    held_out = parts["test"]["text"][0]
+    assert data.count_bytes(parts["test"]) == len(held_out.encode("utf-8"))
+    assert data.count_bytes(parts["train"]) == 11 - len(held_out.encode("utf-8"))  # é is two bytes
+    rows = data.pack_stories([[5, 6, 7], [8, 9]], 4, "isolated", 0)
+    blocks = Dataset.from_dict({key: value.tolist() for key, value in rows.items()})
+    assert data.count_labels(blocks) == int((rows["labels"] != -100).sum()) == 2  # 6 and 7

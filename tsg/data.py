@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
@@ -222,6 +223,18 @@ def describe(stories: DatasetDict, tokens: DatasetDict, blocks: DatasetDict, cou
             "pad_share": 1 - n_tokens / max(1, n_blocks * block_size),
         }
     return summary
+
+
+def count_bytes(stories: Dataset) -> int:
+    """UTF-8 bytes of all story texts (of the rows selected: a split's table may hold other rows too)."""
+    text = stories.with_format("arrow")[:]["text"]
+    return pc.sum(pc.binary_length(pc.cast(text, pa.binary()))).as_py() or 0
+
+
+def count_labels(blocks: Dataset) -> int:
+    """Tokens that carry a label (are predicted) in packed blocks."""
+    labels = blocks.with_format("arrow")[:]["labels"]
+    return pc.sum(pc.not_equal(pc.list_flatten(labels), IGNORE_INDEX)).as_py() or 0
 
 
 def block_causal_mask(position_ids: torch.Tensor, additive: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:

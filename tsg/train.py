@@ -35,11 +35,21 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StoryTrainer(Trainer):
-    """The HF Trainer, logging perplexity beside every eval loss and stopping on a NaN or infinite loss."""
+    """The HF Trainer, logging perplexity and bits per byte beside every eval loss, and stopping on a NaN or
+    infinite loss.
+
+    `eval_bits_per_byte` = eval loss x (predicted tokens / UTF-8 bytes of the validation stories) / ln 2:
+    comparable across tokenizers; approximate, as the Trainer averages the loss over batches
+    (`python -m tsg.evaluate` computes it exactly, story by story).
+    """
+
+    eval_tokens_per_byte: float | None = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            if self.eval_tokens_per_byte:
+                logs["eval_bits_per_byte"] = logs["eval_loss"] * self.eval_tokens_per_byte / math.log(2)
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -208,6 +218,8 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
+    if "validation" in blocks:
+        trainer.eval_tokens_per_byte = data.count_labels(blocks["validation"]) / data.count_bytes(stories["validation"])
     if "wandb" in training_args.report_to:
         from tsg.callbacks import SampleStoriesCallback, WandbConfigCallback
 
