@@ -15,8 +15,12 @@ DATA ?=
 DEMO_STEPS ?= 300
 PROMPT ?= Once upon a time
 MODEL ?=
+# Held-out stories for `make eval`: the TinyStories validation file beside the checkout when there is one,
+# else the embedded sample (which the demo also trains on: the scores are then optimistic).
+VALID ?= $(firstword $(wildcard ../shared/data/tinystories/valid.txt) tsg/sample/tinystories_sample.txt)
+TRAIN ?=
 
-.PHONY: install demo train generate merge test clean
+.PHONY: install demo train generate merge eval evaluate test clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +59,20 @@ generate: install
 # make merge RUN=runs/qlora_cpu [OUT=runs/qlora_cpu-merged]
 merge: install
 	$(BIN)/python -m tsg.merge $(RUN) $(or $(OUT),$(RUN)-merged)
+
+# make eval [MODEL=DIR, default: the newest run under runs/] [VALID=valid.txt] [TRAIN=train.txt] [ARGS="--max_stories 500"]
+# Writes MODEL/eval_report.json: held-out loss, perplexity and bits per byte, and generated-story scores.
+eval: install
+	@model="$(MODEL)"; \
+	if [ -z "$$model" ]; then \
+		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do \
+			if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done); \
+	fi; \
+	if [ -z "$$model" ]; then echo "make eval: no trained model under runs/: run make demo first, or pass MODEL=DIR" >&2; exit 2; fi; \
+	echo "make eval: model $$model, held-out stories $(VALID)"; \
+	$(BIN)/python -m tsg.evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
+
+evaluate: eval
 
 test: install
 	$(BIN)/python -m pytest -q
