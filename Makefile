@@ -20,6 +20,11 @@ MODEL ?=
 VALID ?= $(firstword $(wildcard ../shared/data/tinystories/valid.txt) tsg/sample/tinystories_sample.txt)
 TRAIN ?=
 
+# The newest folder under runs/ that holds a model or an adapter (shell text for a recipe).
+NEWEST_RUN = $$(ls -td runs/*/ 2>/dev/null | while read d; do \
+	if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done)
+NO_RUN = no trained model under runs/: run make demo first, or pass MODEL=DIR
+
 .PHONY: install demo train generate merge eval evaluate test clean
 
 install: $(VENV)/.installed
@@ -47,12 +52,8 @@ train: install
 # make generate PROMPT="Once upon a time" [MODEL=DIR, default: the newest run under runs/] [ARGS="-n 3"]
 # An adapter run is merged into its base once (DIR/merged) and reused.
 generate: install
-	@model="$(MODEL)"; \
-	if [ -z "$$model" ]; then \
-		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do \
-			if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done); \
-	fi; \
-	if [ -z "$$model" ]; then echo "make generate: no trained model under runs/: run make demo first, or pass MODEL=DIR" >&2; exit 2; fi; \
+	@model="$(MODEL)"; [ -n "$$model" ] || model=$(NEWEST_RUN); \
+	if [ -z "$$model" ]; then echo "make generate: $(NO_RUN)" >&2; exit 2; fi; \
 	echo "make generate: model $$model"; \
 	$(BIN)/python -m tsg.generate --model "$$model" --prompt "$(PROMPT)" $(ARGS)
 
@@ -63,12 +64,8 @@ merge: install
 # make eval [MODEL=DIR, default: the newest run under runs/] [VALID=valid.txt] [TRAIN=train.txt] [ARGS="--max_stories 500"]
 # Writes MODEL/eval_report.json: held-out loss, perplexity and bits per byte, and generated-story scores.
 eval: install
-	@model="$(MODEL)"; \
-	if [ -z "$$model" ]; then \
-		model=$$(ls -td runs/*/ 2>/dev/null | while read d; do \
-			if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done); \
-	fi; \
-	if [ -z "$$model" ]; then echo "make eval: no trained model under runs/: run make demo first, or pass MODEL=DIR" >&2; exit 2; fi; \
+	@model="$(MODEL)"; [ -n "$$model" ] || model=$(NEWEST_RUN); \
+	if [ -z "$$model" ]; then echo "make eval: $(NO_RUN)" >&2; exit 2; fi; \
 	echo "make eval: model $$model, held-out stories $(VALID)"; \
 	$(BIN)/python -m tsg.evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
 

@@ -50,8 +50,8 @@ from tsg import __version__  # noqa: E402
 from tsg.config import ConfigError  # noqa: E402
 from tsg.data import STORY_SEPARATOR, load_story_file, read_tinystories_txt  # noqa: E402
 from tsg.generate import (GenerateError, Settings, Story, clean_story, fit_to_context, generation_config, load_model,
-                          progress_bars_only_on_a_terminal, prompt_texts, read_lines, resolve_model_dir,
-                          stop_conditions)
+                          looks_like_path, progress_bars_only_on_a_terminal, prompt_texts, read_lines,
+                          resolve_model_dir, stop_conditions)
 from tsg.model import context_length  # noqa: E402
 
 PROG = "tsg.evaluate"
@@ -420,6 +420,8 @@ def report_path(args: argparse.Namespace) -> Path:
         return Path(args.output)
     model = Path(args.model).expanduser()
     if not model.is_dir():
+        if looks_like_path(args.model) or model.exists():
+            raise EvaluateError(f"--model {args.model}: no such folder")
         raise EvaluateError(f"--output: required when --model is a hub name ({args.model})")
     return model / REPORT_NAME
 
