@@ -200,6 +200,10 @@ def test_samples_table_is_logged_every_sample_steps_and_cumulative(offline_run):
         for _, prompt, story in table["data"]:
             assert story.startswith(prompt) and len(story) > len(prompt)
     assert tables[1]["data"][:len(prompts)] == tables[0]["data"]  # the step-2 rows again, unchanged
+    # the generation scores of tsg.evaluate's story_scores metric, over the stories of that step
+    for row in rows:
+        assert 0 <= row[f"{SAMPLES_KEY}/eos_rate"] <= 1 and 0 < row[f"{SAMPLES_KEY}/mean_length"] <= 8
+        assert 0 < row[f"{SAMPLES_KEY}/distinct_1"] <= 1
 
 
 def test_offline_hint_without_api_key(offline_run, capsys, tmp_path):
@@ -241,7 +245,7 @@ def _tell_and_check(callback, model):
     expected = _random_draws()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     model.train()
-    stories = callback.tell(model)
+    stories = [told.story for told in callback.tell(model)]
     assert model.training, "the model must be back in train mode"
     assert _random_draws() == expected, "telling stories must leave the random generators as they were"
     assert [s.prompt for s in stories] == list(DEFAULT_SAMPLE_PROMPTS)

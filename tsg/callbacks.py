@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from tsg.generate import Settings, prompt_texts, tell_stories
+from tsg.evaluate import generation_scores, tell_and_count
+from tsg.generate import Settings, prompt_texts
 from tsg.model import context_length
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ class SampleStoriesCallback(TrainerCallback):
     # --- the work ---
 
     def tell(self, model) -> list:
-        """One story per prompt from `model` as it is now (eval mode and no grad while telling; modes restored)."""
+        """One story per prompt from `model` as it is now (eval mode and no grad while telling; modes restored),
+        as tsg.evaluate's Told records: the story, its continuation, its length and whether it ended."""
         from accelerate.utils import extract_model_from_parallel
 
         full_params = contextlib.nullcontext()
@@ -154,7 +156,7 @@ class SampleStoriesCallback(TrainerCallback):
         inner.eval()
         try:
             with _random_state_kept(), full_params, torch.no_grad():
-                return tell_stories(inner, self.tokenizer, self.prompts, self.settings)
+                return tell_and_count(inner, self.tokenizer, self.prompts, self.settings)
         finally:
             inner.train(was_training)
 
@@ -162,11 +164,11 @@ class SampleStoriesCallback(TrainerCallback):
         """Tell the stories at this step and log the cumulative table (main process)."""
         if model is None or not (state.is_world_process_zero or _sharded(model)):
             return
-        stories = self.tell(model)
+        told = self.tell(model)
         self.last_step = state.global_step
         if not state.is_world_process_zero:
             return
-        self.rows += [[state.global_step, story.prompt, story.text] for story in stories]
+        self.rows += [[state.global_step, t.story.prompt, t.story.text] for t in told]
         run = _active_run()
         if run is None:
             if not self._warned_no_run:
@@ -176,7 +178,8 @@ class SampleStoriesCallback(TrainerCallback):
         import wandb
 
         table = wandb.Table(columns=list(SAMPLE_COLUMNS), data=[list(row) for row in self.rows])
-        run.log({SAMPLES_KEY: table, STEP_METRIC: state.global_step})
+        scores = {f"{SAMPLES_KEY}/{name}": value for name, value in generation_scores(told).items() if value is not None}
+        run.log({SAMPLES_KEY: table, **scores, STEP_METRIC: state.global_step})
 
 
 class WandbConfigCallback(TrainerCallback):
