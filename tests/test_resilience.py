@@ -77,6 +77,8 @@ def test_resume_true_skips_a_checkpoint_cut_short(tmp_path, small_txt):
     assert train.resolve_resume(_args(out, "true"), overwrite=False) == str(out / "checkpoint-4")
     with pytest.raises(train.ConfigError, match="not a complete checkpoint"):
         train.resolve_resume(_args(out, str(broken)), overwrite=False)
+    kept = shutil.copytree(out / "checkpoint-4", tmp_path / "kept-for-later")  # a complete checkpoint, renamed
+    assert train.resolve_resume(_args(out, str(kept)), overwrite=False) == str(kept)
 
 
 def _args(output_dir, resume):

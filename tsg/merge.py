@@ -19,6 +19,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,17 +66,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def _quantized_gap(run_dir: Path, base: str, quantization: dict, ids: torch.Tensor, merged_logits) -> float | None:
     """Max |logit| difference between the merged model and the quantized model the adapter trained on."""
     from peft import PeftModel
-    from transformers import BitsAndBytesConfig
 
-    # the compute dtype training chose when the config left it open: bf16 on GPU, fp32 on CPU
-    dtype = getattr(torch, quantization.get("bnb_4bit_compute_dtype")
-                    or ("bfloat16" if torch.cuda.is_available() else "float32"))
-    if quantization.get("load_in_4bit"):
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization["bnb_4bit_quant_type"] or "nf4",
-                                    bnb_4bit_use_double_quant=bool(quantization["bnb_4bit_use_double_quant"]),
-                                    bnb_4bit_compute_dtype=dtype)
-    else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+    from tsg.model import quantization_config
+
+    # the same BitsAndBytesConfig training built from these fields (and the same compute dtype default)
+    config = quantization_config(SimpleNamespace(**quantization), on_cpu=not torch.cuda.is_available())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         quantized = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map={"": device})

@@ -194,8 +194,7 @@ def keep_trainable_layout(model: PreTrainedModel) -> None:
 def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
                training_args: TrainingArguments | None = None) -> PreTrainedModel:
     """A pretrained model (model_name_or_path), with adapters when use_peft, or a new one (model_type)."""
-    on_cpu = training_args.use_cpu if training_args is not None else not torch.cuda.is_available()
-    on_cpu = on_cpu or not torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available() or bool(training_args and training_args.use_cpu)
     if args.from_scratch:
         kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
         config = build_config(args, tokenizer)

@@ -71,20 +71,25 @@ def say(training_args: TrainingArguments, message: str) -> None:
         print(f"tsg: {message}", flush=True)
 
 
-def is_complete_checkpoint(folder: str | Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint cut short by a crash has none, or half of one."""
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step a checkpoint holds, from its trainer_state.json; None when it has no readable one. The Trainer
+    writes that file last, so a checkpoint cut short by a crash has none, or half of one."""
     try:
-        state = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return f"checkpoint-{state.get('global_step')}" == Path(folder).name
+        step = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    return checkpoint_step(folder) is not None
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint in output_dir that was written to the end."""
+    """The newest checkpoint-N in output_dir that was written to the end (its trainer_state.json is at step N)."""
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if is_complete_checkpoint(folder):
+        if checkpoint_step(folder) == int(folder.name.split("-")[-1]):
             return str(folder)
     return None
 
