@@ -176,13 +176,16 @@ def short_stories(tokenizer, sample_stories):
             for s, n in zip(sample_stories[:3], (11, 17, 23))]
 
 
-MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("gpt_neo", "eager"), ("gpt_neo", None)]
+MODELS = [("gpt2", "sdpa"), ("gpt2", "eager"), ("gpt_neo", "eager"), ("gpt_neo", None), ("llama", "sdpa"),
+          ("llama", "eager")]
 
 
 def _model(tokenizer, model_type, attn, block):
     overrides = dict(model_type=model_type, block_size=block, attn_implementation=attn)
     if model_type == "gpt_neo":
         overrides.update(num_hidden_layers=2, config_overrides=NEO)
+    if model_type == "llama":  # rotary positions: restarted position ids must restart the rotation too
+        overrides.update(config_overrides={"intermediate_size": 64, "tie_word_embeddings": True})
     torch.manual_seed(0)
     return models.load_model(tiny_args(**overrides), tokenizer).eval()
 
@@ -212,7 +215,7 @@ def test_isolated_packing_matches_stories_alone(tokenizer, short_stories, model_
         assert (mixed[0, start: start + len(second)] - alone).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("model_type, attn", [("gpt2", "sdpa"), ("gpt_neo", "eager")])
+@pytest.mark.parametrize("model_type, attn", [("gpt2", "sdpa"), ("gpt_neo", "eager"), ("llama", "sdpa")])
 def test_isolated_pieces_across_rows_match_pieces_alone(tokenizer, short_stories, model_type, attn):
     """Stories split across rows (4 rows, tail padding): every piece equals that piece run alone."""
     block = 20
