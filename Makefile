@@ -19,13 +19,15 @@ MODEL ?=
 # else the embedded sample (which the demo also trains on: the scores are then optimistic).
 VALID ?= $(firstword $(wildcard ../shared/data/tinystories/valid.txt) tsg/sample/tinystories_sample.txt)
 TRAIN ?=
+# Stories for `make bench`: the TinyStories training file beside the checkout when there is one, else the embedded sample.
+BENCH_DATA = $(or $(DATA),$(firstword $(wildcard ../shared/data/tinystories/train.txt) tsg/sample/tinystories_sample.txt))
 
 # The newest folder under runs/ that holds a model or an adapter (shell text for a recipe).
 NEWEST_RUN = $$(ls -td runs/*/ 2>/dev/null | while read d; do \
 	if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done)
 NO_RUN = no trained model under runs/: run make demo first, or pass MODEL=DIR
 
-.PHONY: install demo train generate merge eval evaluate test clean
+.PHONY: install demo train generate merge eval evaluate bench test clean
 
 install: $(VENV)/.installed
 
@@ -70,6 +72,11 @@ eval: install
 	$(BIN)/python -m tsg.evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
 
 evaluate: eval
+
+# make bench [DATA=stories.txt] [ARGS="--only generation"]: throughput, MFU, memory and generation speed, measured
+# side by side; prints a table and writes bench-results.json (< 20 min on 2 cores).
+bench: install
+	$(BIN)/python -m tsg.bench --data "$(BENCH_DATA)" --output bench-results.json $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -258,12 +258,18 @@ class BlockCollator:
 
     With flash attention the batch is flattened into one row of B x block_size tokens and the
     restarted position ids delimit the stories (transformers' varlen path, as DataCollatorWithFlattening).
+    `pad_to_longest` cuts the padding columns that no row of the batch needs: `pad` rows then come padded to the
+    batch's longest story instead of `block_size` (the benchmark compares both).
     """
 
     attn_implementation: str = "sdpa"
+    pad_to_longest: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = {key: torch.tensor(np.array([row[key] for row in rows])) for key in rows[0]}
+        if self.pad_to_longest:
+            longest = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {key: value[:, :longest] for key, value in batch.items()}
         if "position_ids" in batch:
             if self.attn_implementation.startswith("flash_attention"):
                 del batch["attention_mask"]

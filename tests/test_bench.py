@@ -1,0 +1,119 @@
+"""The benchmark runs end to end on tiny sizes and writes every field (no test asserts a speed); the pieces it
+relies on: padding to the batch's longest story, token counts of told stories, compiled decoding telling the same
+story, the FLOP count."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SAMPLE_FILE, python_env, tiny_args
+
+from tsg import bench, data, generate, model as models
+
+NUMBERS = (int, float)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """`python -m tsg.bench --tiny` on the embedded sample, in a subprocess (it spawns processes of its own)."""
+    import subprocess
+    import sys
+
+    output = tmp_path_factory.mktemp("bench") / "bench-results.json"
+    done = subprocess.run([sys.executable, "-m", "tsg.bench", "--tiny", "--data", str(SAMPLE_FILE), "--output",
+                           str(output)], env=python_env(), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(output.read_text()), done.stdout
+
+
+def is_number(value) -> bool:
+    return isinstance(value, NUMBERS) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def test_every_ratio_is_a_number(results):
+    found, _ = results
+    assert set(bench.TARGETS) <= set(found["ratios"])
+    for name, value in found["ratios"].items():
+        assert is_number(value) and value >= 0, (name, value)
+    assert 0 <= found["ratios"]["mfu"] < 1.5  # a fraction (tiny runs are noisy, never a percentage)
+    assert 0 <= found["ratios"]["isolated_pad_share"] < 1
+    assert set(found["targets_met"]) == set(found["ratios"])
+
+
+def test_hardware_and_raw_figures(results):
+    found, stdout = results
+    hw = found["hardware"]
+    assert isinstance(hw["cpu"], str) and hw["cpu"]
+    assert isinstance(hw["cores"], int) and isinstance(hw["torch_threads"], int)
+    assert is_number(hw["matmul_peak_fp32_flops"]) and hw["matmul_peak_fp32_flops"] > 0
+    assert hw["gpu"] is None or isinstance(hw["gpu"], str)
+    assert isinstance(found["flops_counting"], str)
+    for mode in bench.PACKING_MODES:
+        assert is_number(found["packing"][mode]["real_tokens_per_s"])
+        assert 0 <= found["packing"][mode]["pad_share"] < 1
+    assert found["packing"]["pad_block"]["pad_share"] >= found["packing"]["pad_longest"]["pad_share"]
+    for name in ("trainer", "plain_loop"):
+        assert is_number(found["trainer"][name]["tokens_per_s"])
+    mfu = found["mfu"]
+    assert mfu["config"] == "configs/tiny_cpu.json" and mfu["levers"]
+    for run in (mfu["as_configured"], *mfu["levers"].values()):
+        assert is_number(run["mfu"]) and run["flops_per_token"] > 0
+    for key in ("cold_num_proc_1", "cached_num_proc_1", "cold_num_proc_2", "cached_num_proc_2"):
+        assert is_number(found["pipeline"][key]["seconds_per_mb"])
+    gen = found["generation"]
+    for quantization in generate.QUANTIZATIONS:
+        weights = gen["weights"][quantization]
+        assert weights["batched32"]["stories"] == 32 and weights["batched32"]["tokens"] > 0
+        assert is_number(weights["time_to_first_token_s"]) and weights["memory_footprint_bytes"] > 0
+    for section in ("single_stream_stories15m", "single_stream_tiny_cpu"):
+        assert is_number(gen[section]["tsg"]["tokens_per_s"]) and is_number(gen[section]["hf_generate"]["tokens_per_s"])
+    for case in bench.MEMORY_CASES:
+        memory = found["memory"][case]
+        assert memory["load_peak_bytes"] >= 0 and memory["step_peak_bytes"] >= memory["load_peak_bytes"]
+        assert memory["weights_bytes"] > 0 and 0 < memory["trainable"] <= memory["parameters"]
+    assert found["memory"]["lora"]["trainable"] < found["memory"]["full"]["trainable"]
+    if not torch.cuda.is_available():
+        assert found["gpu"] == {"skipped": "no GPU"}
+    assert "| isolated_vs_concat" in stdout and "hardware:" in stdout and "bench: packing isolated" in stdout
+
+
+def test_pad_to_longest_cuts_only_padding(tokenizer, sample_stories):
+    stories = [tokenizer(s)["input_ids"][:40] for s in sample_stories[:3]] + [[5, 6, 7]]
+    rows = data.pack_stories(stories, 64, "pad", tokenizer.pad_token_id)
+    rows = [{key: value[i] for key, value in rows.items()} for i in range(len(stories))]
+    full = data.BlockCollator("sdpa")(rows)
+    cut = data.BlockCollator("sdpa", pad_to_longest=True)(rows)
+    longest = max(len(s) for s in stories)
+    assert cut["input_ids"].shape == (4, longest)
+    for key in full:
+        assert torch.equal(cut[key], full[key][:, :longest])
+    assert not full["attention_mask"][:, longest:].any()
+
+
+def test_story_tokens_count_up_to_the_end_of_story():
+    eos = 9
+    new = torch.tensor([[1, 2, eos, eos, eos], [1, 2, 3, 4, 5], [eos, eos, eos, eos, eos]])
+    assert generate.new_token_counts(new, [eos]) == [3, 5, 1]
+
+
+def test_compiled_decoding_tells_the_same_greedy_story(tokenizer, tiny_model):
+    model = tiny_model(tokenizer)
+    plain = generate.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12)
+    compiled = generate.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12,
+                                     compile=True)
+    assert compiled == plain and plain[0].tokens == 12
+    config = generate.generation_config(model, tokenizer, generate.Settings(), compile=True)
+    assert config.cache_implementation == "static" and config.compile_config.fullgraph
+
+
+def test_training_flops_count_every_matmul(tokenizer):
+    torch.manual_seed(0)
+    model = models.load_model(tiny_args(), tokenizer)
+    layers, width, vocab = 2, 32, len(tokenizer)
+    matmuls = layers * 12 * width**2 + vocab * width  # attention 4 d^2, MLP 8 d^2 a layer; the (tied) LM head
+    counted = bench.training_flops_per_token(model, 64)
+    assert counted["matmul_weights"] == matmuls
+    assert counted["flops_per_token"] == 6 * matmuls + 12 * layers * width * 64
