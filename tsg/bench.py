@@ -49,14 +49,13 @@ from pathlib import Path
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
 from tsg import __version__, data, generate, model as models  # isort: skip
 from tsg.config import StoryArguments, parse_args  # isort: skip
-from tsg.model import context_length  # isort: skip
+from tsg.model import build_config, context_length  # isort: skip
 from tsg.train import build_trainer  # isort: skip
 import datasets
 import numpy as np
 import psutil
 import torch
 from transformers import (
-    CONFIG_MAPPING,
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -382,12 +381,11 @@ def mfu_run(trainer, sizes: Sizes, peak: float, threads: int | None = None) -> d
     return {**run, **flops, "threads": threads or before, "flops_per_s": achieved, "mfu": achieved / peak}
 
 
-def without_dropout(story_args: StoryArguments) -> dict:
-    """config_overrides that set every dropout of the from-scratch architecture to 0 (sdpa's fused CPU kernel
-    runs only without attention dropout)."""
-    defaults = CONFIG_MAPPING[story_args.model_type]().to_dict()
-    off = {key: 0.0 for key, value in defaults.items() if "drop" in key and isinstance(value, float) and value > 0}
-    return {**(story_args.config_overrides or {}), **off}
+def dropouts_on(story_args: StoryArguments) -> dict:
+    """The from-scratch architecture's dropouts that the config leaves above 0, set to 0 (with attention dropout,
+    sdpa on a CPU leaves its fused kernel for the math path, which builds the whole attention matrix)."""
+    config = build_config(story_args, AutoTokenizer.from_pretrained(story_args.tokenizer_name)).to_dict()
+    return {key: 0.0 for key, value in config.items() if "drop" in key and isinstance(value, float) and value > 0}
 
 
 def measure_mfu(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, peak: float) -> dict:
@@ -401,8 +399,10 @@ def measure_mfu(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, p
         f"batch {sizes.lever_batch}": (["--per_device_train_batch_size", str(sizes.lever_batch)], None),
         "1 torch thread": ([], 1),
     }
-    if trainer.story_args.from_scratch:
-        levers["dropout 0"] = (["--config_overrides", json.dumps(without_dropout(trainer.story_args))], None)
+    dropouts = dropouts_on(trainer.story_args) if trainer.story_args.from_scratch else {}
+    if dropouts:
+        overrides = {**(trainer.story_args.config_overrides or {}), **dropouts}
+        levers["dropout 0"] = (["--config_overrides", json.dumps(overrides)], None)
     if sizes.compile:
         levers[f"torch_compile {str(not args.torch_compile).lower()}"] = (
             ["--torch_compile", str(not args.torch_compile).lower()], None)
