@@ -117,3 +117,18 @@ def test_training_flops_count_every_matmul(tokenizer):
     counted = bench.training_flops_per_token(model, 64)
     assert counted["matmul_weights"] == matmuls
     assert counted["flops_per_token"] == 6 * matmuls + 12 * layers * width * 64
+
+
+def test_4bit_generation_on_the_cpu_with_a_width_bitsandbytes_cannot_repack(tmp_path, tokenizer):
+    """A 4-bit layer whose input width is not a multiple of 64 (tiny_cpu.json's 160) keeps the standard layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=160, intermediate_size=432, num_hidden_layers=1, num_attention_heads=5,
+                         num_key_value_heads=5, vocab_size=len(tokenizer), max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tok = generate.load_model(str(tmp_path), "4bit", "cpu")
+    stories = generate.tell_stories(model, tok, ["Once upon a time", "Tom"], max_new_tokens=5)
+    assert len(stories) == 2 and all(1 <= story.tokens <= 5 for story in stories)

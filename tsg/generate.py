@@ -207,7 +207,20 @@ def load_model(name: str, quantization: str = "none", device: str = "auto"):
     except (OSError, ValueError, ImportError) as e:
         raise GenerateError(f"--model {name}: no model could be loaded ({' '.join(str(e).split())[:200]})") from None
     tokenizer.padding_side = "left"
+    if quantization == "4bit" and device == "cpu":
+        keep_4bit_layout_where_unpackable(model)
     return model.eval(), tokenizer
+
+
+def keep_4bit_layout_where_unpackable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight for a faster kernel on its first eval-mode
+    call; the repacking fails for a layer whose input width is not a multiple of the quantization block size
+    (64: e.g. a width of 160). Those layers keep the standard 4-bit layout and kernel."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.in_features % module.weight.quant_state.blocksize:
+            module.support_avx512bf16_for_cpu = False
 
 
 
