@@ -33,11 +33,11 @@ def losses(log_history):
     return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
 
 
-def check_loads(folder, n_layer=2, n_embd=32, vocab=VOCAB):
+def check_loads(folder, n_layer=2, n_embd=32, vocab=VOCAB, model_type="gpt2"):
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert model.config.model_type == "gpt2"
-    assert (model.config.n_layer, model.config.n_embd) == (n_layer, n_embd)
+    assert model.config.model_type == model_type
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (n_layer, n_embd)
     assert len(tokenizer) == vocab == model.config.vocab_size
     assert tokenizer.eos_token == "<|endoftext|>" and model.config.eos_token_id == tokenizer.eos_token_id
     ids = tokenizer("Once upon a time", return_tensors="pt")
@@ -257,7 +257,8 @@ def test_tiny_cpu_config_trains_and_loads(tmp_path, monkeypatch):
                      "--per_device_train_batch_size", "4", "--max_eval_samples", "8", "--disable_tqdm", "true"])
     assert code == 0
     raw = json.loads((REPO / "configs" / "tiny_cpu.json").read_text())
-    check_loads(out, n_layer=raw["num_hidden_layers"], n_embd=raw["hidden_size"], vocab=raw["vocab_size"])
+    check_loads(out, n_layer=raw["num_hidden_layers"], n_embd=raw["hidden_size"], vocab=raw["vocab_size"],
+                model_type=raw["model_type"])
     assert state(out)["global_step"] == 3
     record = json.loads((out / "run_config.json").read_text())
     assert record["config"]["block_size"] == raw["block_size"] and record["config"]["max_steps"] == 3

@@ -293,9 +293,10 @@ def tell_and_count(model, tokenizer, prompts: list[str], settings: Settings, pro
         for row, text in enumerate(decoded):
             index, number = divmod(row, settings.num_return_sequences)
             prompt = prompts[first + index]
-            story = Story(prompt, number + 1, clean_story(text, prompt, settings.start_marker, settings.end_marker))
             reached = bool(ended[row].any())
             length = int(ended[row].int().argmax()) if reached else new.shape[1]
+            story = Story(prompt, number + 1, clean_story(text, prompt, settings.start_marker, settings.end_marker),
+                          tokens=length + reached)  # as tell_stories counts: the end-of-story token included
             continuation = tokenizer.decode(new[row, :length], skip_special_tokens=True).strip()
             told.append(Told(story, continuation, length, reached))
     return told
