@@ -120,7 +120,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    max_stories=None, warmup_steps=3, timed_steps=12, repeats=2, packing_block=512, packing_batch=8, lever_batch=64,
+    max_stories=None, warmup_steps=3, timed_steps=20, repeats=3, packing_block=512, packing_batch=8, lever_batch=64,
     compile=True, peak_size=2048, single_new_tokens=256, batched_new_tokens=128,
     # llama2.c stories15M: dim 288, 6 layers, 6 heads, hidden 768, vocab 32000, shared classifier, context 256
     llama=dict(hidden_size=288, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
