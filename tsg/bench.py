@@ -49,6 +49,7 @@ from pathlib import Path
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
 from tsg import __version__, data, generate, model as models  # isort: skip
 from tsg.config import StoryArguments, parse_args  # isort: skip
+from tsg.evaluate import DEFAULT_PROMPTS  # isort: skip
 from tsg.model import build_config, context_length  # isort: skip
 from tsg.train import build_trainer  # isort: skip
 import datasets
@@ -71,7 +72,6 @@ from transformers.utils import logging as hf_logging
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs" / "tiny_cpu.json"
-PROMPTS_FILE = Path(__file__).parent / "metrics" / "prompts.txt"
 SECTIONS = ("packing", "trainer", "mfu", "pipeline", "generation", "memory", "gpu")
 PACKING_MODES = ("isolated", "concat", "pad_block", "pad_longest")
 MEMORY_CASES = ("full", "lora", "8bit", "4bit")
@@ -466,8 +466,8 @@ def build_llama(tokenizer, shape: dict, folder: Path) -> Path:
 
 
 def prompts(n: int) -> list[str]:
-    openings = [line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return list(islice(cycle(openings), n))
+    """`n` story openings: the evaluation's default prompts, cycled."""
+    return list(islice(cycle(generate.read_lines(str(DEFAULT_PROMPTS), "prompts")), n))
 
 
 def time_stories(model, tokenizer, texts: list[str], **settings) -> dict:
