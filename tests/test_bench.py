@@ -77,6 +77,12 @@ def test_hardware_and_raw_figures(results):
     assert found["memory"]["lora"]["trainable"] < found["memory"]["full"]["trainable"]
     if not torch.cuda.is_available():
         assert found["gpu"] == {"skipped": "no GPU"}
+    else:
+        runs = (found["gpu"]["as_configured"], *found["gpu"]["levers"].values())
+        assert {run["activation_checkpointing"] for run in runs} == {True, False}
+        assert {run["load_in_4bit"] for run in runs} == {True, False}
+        for run in runs:
+            assert is_number(run["mfu"]) and run["peak_memory_bytes"] > 0 and run["tokens_per_s"] > 0
     assert "| isolated_vs_concat" in stdout and "hardware:" in stdout and "bench: packing isolated" in stdout
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import multiprocessing
@@ -548,21 +549,29 @@ def peak_rss_bytes() -> int:
 
 def memory_case(model_dir: str, case: str, tokens: int) -> dict:
     """In a fresh process: peak RSS of loading the model for `case`, and of one training step (AdamW on the
-    trainable weights) after it, over the process's RSS before loading (imports done)."""
+    trainable weights) after it, over the process's RSS before loading (imports done). Where a GPU is visible
+    every case trains there (quantized weights load onto it), and the peak GPU memory is recorded too."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = StoryArguments(model_name_or_path=model_dir, use_peft=case != "full", load_in_8bit=case == "8bit",
                           load_in_4bit=case == "4bit", block_size=tokens)
+    on_gpu = torch.cuda.is_available()  # quantized weights load onto the GPU: every case then trains there
     before = psutil.Process().memory_info().rss
     model = models.load_model(args, tokenizer)
+    if on_gpu and case in ("full", "lora"):
+        model.to("cuda")
+    gpu_loaded = torch.cuda.max_memory_allocated() if on_gpu else None
     loaded = peak_rss_bytes()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, len(tokenizer), (1, tokens))
+    ids = torch.randint(0, len(tokenizer), (1, tokens), device=model.device)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     trainable, total = models.count_parameters(model)
-    return {"load_peak_bytes": loaded - before, "step_peak_bytes": peak_rss_bytes() - before,
-            "weights_bytes": model.get_memory_footprint(), "trainable": trainable, "parameters": total}
+    found = {"load_peak_bytes": loaded - before, "step_peak_bytes": peak_rss_bytes() - before,
+             "weights_bytes": model.get_memory_footprint(), "trainable": trainable, "parameters": total}
+    if on_gpu:
+        found |= {"gpu_load_peak_bytes": gpu_loaded, "gpu_step_peak_bytes": torch.cuda.max_memory_allocated()}
+    return found
 
 
 def measure_memory(work: Path, tokenizer, sizes: Sizes) -> dict:
@@ -585,9 +594,32 @@ def measure_memory(work: Path, tokenizer, sizes: Sizes) -> dict:
 # --- GPU ---
 
 
+def gpu_run(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, folder: Path, peak: float | None,
+            *overrides: str) -> dict:
+    """One configs/xl_qlora.json training run on the saved model (with `overrides`): tokens/s, MFU and the peak
+    GPU memory of loading and training; the model is freed afterwards."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer = config_trainer(work, "gpu", data_file, tokenizer_dir, sizes, "--model_name_or_path", str(folder),
+                             "--gradient_accumulation_steps", "1", *overrides,
+                             config=REPO / "configs" / "xl_qlora.json")
+    run = mfu_run(trainer, sizes, peak or float("nan"))
+    found = {"overrides": list(overrides), "parameters": models.count_parameters(trainer.model)[1],
+             "block_size": trainer.story_args.block_size, "batch_size": trainer.args.per_device_train_batch_size,
+             "activation_checkpointing": trainer.args.activation_checkpointing,
+             "load_in_4bit": trainer.story_args.load_in_4bit,
+             "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None, **run}
+    del trainer
+    gc.collect()
+    return found
+
+
 def measure_gpu(work: Path, data_file: str, tokenizer_dir: Path, tokenizer, sizes: Sizes, peak: float | None) -> dict:
     """configs/xl_qlora.json (GPT-2 XL, 4-bit nf4 QLoRA, bf16, block 512, batch 8, activation checkpointing) on
-    a GPT-2 XL shape with random weights, saved in bf16, through tsg's Trainer; one batch a step."""
+    a GPT-2 XL shape with random weights, saved in bf16, through tsg's Trainer, one batch a step; then one lever
+    at a time against it (no activation checkpointing, twice the batch, bf16 LoRA without 4-bit weights)."""
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}
     folder = work / "gpu-model"
@@ -596,18 +628,19 @@ def measure_gpu(work: Path, data_file: str, tokenizer_dir: Path, tokenizer, size
         torch.manual_seed(0)
         GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    trainer = config_trainer(work, "gpu", data_file, tokenizer_dir, sizes, "--model_name_or_path", str(folder),
-                             "--gradient_accumulation_steps", "1",
-                             config=REPO / "configs" / "xl_qlora.json")
-    run = mfu_run(trainer, sizes, peak)
+    gc.collect()
     found = {"gpu": torch.cuda.get_device_name(0), "config": "configs/xl_qlora.json",
-             "model": {**sizes.gpu_model, "model_type": "gpt2"}, "parameters": models.count_parameters(trainer.model)[1],
-             "block_size": trainer.story_args.block_size, "batch_size": trainer.args.per_device_train_batch_size,
-             "peak_memory_bytes": torch.cuda.max_memory_allocated(), **run}
-    say(f"gpu {found['gpu']}: {run['tokens_per_s']:,.0f} tokens/s, MFU {run['mfu']:.1%}, peak memory "
-        f"{found['peak_memory_bytes'] / 2**30:.1f} GiB")
+             "model": {**sizes.gpu_model, "model_type": "gpt2"}, "levers": {}}
+    found["as_configured"] = run = gpu_run(work, data_file, tokenizer_dir, sizes, folder, peak)
+    say(f"gpu {found['gpu']} xl_qlora.json: {run['tokens_per_s']:,.0f} tokens/s, MFU {run['mfu']:.1%}, peak memory "
+        f"{run['peak_memory_bytes'] / 2**30:.1f} GiB")
+    levers = {"activation_checkpointing false": ["--activation_checkpointing", "false"],
+              f"batch {2 * run['batch_size']}": ["--per_device_train_batch_size", str(2 * run["batch_size"])],
+              "bf16 LoRA (no 4-bit)": ["--load_in_4bit", "false"]}
+    for name, overrides in levers.items():
+        found["levers"][name] = lever = gpu_run(work, data_file, tokenizer_dir, sizes, folder, peak, *overrides)
+        say(f"gpu lever {name}: {lever['tokens_per_s']:,.0f} tokens/s, MFU {lever['mfu']:.1%}, peak memory "
+            f"{lever['peak_memory_bytes'] / 2**30:.1f} GiB")
     return found
 
 
@@ -672,6 +705,14 @@ def table(results: dict) -> str:
                      f"MFU {mfu['as_configured']['mfu']:.1%}")
         lines += [f"  lever {name}: {run['tokens_per_s']:,.0f} tokens/s, MFU {run['mfu']:.1%}"
                   for name, run in mfu["levers"].items()]
+    gpu = results.get("gpu")
+    if gpu and "skipped" not in gpu:
+        lines.append(f"gpu {gpu['gpu']}, configs/xl_qlora.json on a GPT-2 XL shape: "
+                     f"{gpu['as_configured']['tokens_per_s']:,.0f} tokens/s, MFU {gpu['as_configured']['mfu']:.1%} of "
+                     f"{hw['matmul_peak_bf16_gpu_flops'] / 1e12:.0f} TFLOP/s bf16, peak memory "
+                     f"{gpu['as_configured']['peak_memory_bytes'] / 2**30:.1f} GiB")
+        lines += [f"  lever {name}: {run['tokens_per_s']:,.0f} tokens/s, MFU {run['mfu']:.1%}, peak memory "
+                  f"{run['peak_memory_bytes'] / 2**30:.1f} GiB" for name, run in gpu["levers"].items()]
     return "\n".join(lines)
 
 
