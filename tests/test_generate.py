@@ -206,6 +206,27 @@ def test_batched_greedy_equals_one_prompt_at_a_time(loaded):
     assert all(s.text.startswith(s.prompt) for s in batched)
 
 
+def test_decoding_layout_changes_strides_not_stories(loaded, tmp_path):
+    model, tokenizer = loaded
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = head.weight
+    assert embeddings.weight is weight  # GPT-2 ties them
+    ids = tokenizer(["The dog saw the ball"], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected = model(ids).logits
+        with generate.decoding_layout(model):
+            assert head.weight.stride() == (1, weight.shape[0]) and embeddings.weight is head.weight
+            assert torch.equal(head.weight, weight)
+            logits = model(ids).logits
+        greedy = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert head.weight is weight and embeddings.weight is weight and weight.is_contiguous()  # put back
+    [story] = tell_stories(model, tokenizer, "The dog saw the ball", Settings(do_sample=False, max_new_tokens=30))
+    assert story.text == tokenizer.decode(greedy[0], skip_special_tokens=True).strip()
+    assert head.weight is weight
+    model.save_pretrained(tmp_path / "saved")  # a transposed-strides weight would not save
+
+
 def test_stories_stop_at_end_of_story(loaded):
     model, tokenizer = loaded
     stories = tell_stories(model, tokenizer, "Once upon a time", Settings(num_return_sequences=10, max_new_tokens=50))

@@ -498,8 +498,9 @@ def hf_generate(model, tokenizer, text: str, new_tokens: int) -> dict:
 
 
 def single_stream(folder: Path, sizes: Sizes, label: str) -> dict:
-    """One story, greedy, `single_new_tokens` new tokens: plain generate() against tsg's path (tell_stories with
-    its speed levers: static KV cache and compiled decoding steps when `sizes.compile`), alternated."""
+    """One story, greedy, `single_new_tokens` new tokens: plain generate() on the model as transformers loads it
+    against tsg's path (tell_stories: the output layer in its decoding layout on a CPU, and a static KV cache and
+    compiled decoding steps when `sizes.compile`), alternated."""
     model, tokenizer = generate.load_model(str(folder))
     text = prompts(1)[0]
     new_tokens = min(sizes.single_new_tokens, context_length(model.config) - len(tokenizer(text)["input_ids"]))

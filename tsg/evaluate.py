@@ -49,9 +49,9 @@ import torch  # noqa: E402
 from tsg import __version__  # noqa: E402
 from tsg.config import ConfigError  # noqa: E402
 from tsg.data import STORY_SEPARATOR, load_story_file, read_tinystories_txt  # noqa: E402
-from tsg.generate import (GenerateError, Settings, Story, clean_story, fit_to_context, generation_config, load_model,
-                          looks_like_path, progress_bars_only_on_a_terminal, prompt_texts, read_lines,
-                          resolve_model_dir, stop_conditions)
+from tsg.generate import (GenerateError, Settings, Story, clean_story, decoding_layout, fit_to_context,  # noqa: E402
+                          generation_config, load_model, looks_like_path, progress_bars_only_on_a_terminal,
+                          prompt_texts, read_lines, resolve_model_dir, stop_conditions)
 from tsg.model import context_length  # noqa: E402
 
 PROG = "tsg.evaluate"
@@ -284,7 +284,7 @@ def tell_and_count(model, tokenizer, prompts: list[str], settings: Settings, pro
                       disable=not progress):
         batch = texts[first:first + settings.batch_size]
         inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), decoding_layout(model):
             output = model.generate(**inputs, generation_config=config,
                                     **({"tokenizer": tokenizer} if config.stop_strings else {}))
         decoded = tokenizer.batch_decode(output, skip_special_tokens=True)

@@ -445,6 +445,35 @@ def new_token_counts(new: torch.Tensor, eos_ids: list[int]) -> list[int]:
     return first_end.tolist()
 
 
+@contextlib.contextmanager
+def decoding_layout(model):
+    """While stories are told on a CPU, the output layer's weight is laid out [hidden, vocab] in memory (the same
+    values, transposed strides); on exit the original tensor is put back, so the model saves and trains as before.
+
+    Each decoding step multiplies one row per story by that weight, and the BLAS reads a one-row product from the
+    usual [vocab, hidden] layout at a fraction of the memory bandwidth: 4.1 ms against 1.6 ms for a 32000 x 288
+    head on a 2-core EPYC, the same at thousands of rows (`make bench`: single stream). The head is the largest
+    matrix of a small model. Tied input embeddings share the laid-out weight (a lookup of a few rows a step)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if (model.device.type != "cpu" or type(head) is not torch.nn.Linear or weight is None
+            or not weight.is_floating_point() or not weight.is_contiguous()):
+        yield
+        return
+    embeddings = model.get_input_embeddings()
+    tied = getattr(embeddings, "weight", None) is weight
+    laid_out = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+    head.weight = laid_out
+    if tied:
+        embeddings.weight = laid_out
+    try:
+        yield
+    finally:
+        head.weight = weight
+        if tied:
+            embeddings.weight = weight
+
+
 def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,
                  compile: bool = False, **overrides) -> list[Story]:
     """`num_return_sequences` stories for each prompt (a string or a list), told in batches of `batch_size` with
@@ -465,7 +494,7 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
     for first in range(0, len(texts), settings.batch_size):
         batch = texts[first:first + settings.batch_size]
         inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), decoding_layout(model):
             output = model.generate(**inputs, generation_config=config, streamer=streamer,
                                     **({"tokenizer": tokenizer} if config.stop_strings else {}))
         decoded = tokenizer.batch_decode(output, skip_special_tokens=True)
