@@ -111,7 +111,7 @@ def test_load_model_from_scratch(tokenizer, tiny_model):
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     trainable, total = models.count_parameters(model)
     assert trainable == total and 20_000 < total < 100_000
-    assert tiny_model(tokenizer).config._attn_implementation == "sdpa"
+    assert tiny_model(tokenizer).config._attn_implementation == models.STORY_ATTENTION  # isolated packing, sdpa
 
 
 def test_fine_tune_path_loads_local_folder_and_checks_context(tokenizer, tiny_model, tmp_path):
@@ -231,6 +231,49 @@ def test_isolated_pieces_across_rows_match_pieces_alone(tokenizer, short_stories
             piece = torch.tensor(rows["input_ids"][r, a:b])[None]
             alone = model(input_ids=piece).logits[0]
             assert (packed[r, a:b] - alone).abs().max().item() < 1e-5, (r, a, b)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_story_by_story_attention_trains_as_the_block_mask(tokenizer, short_stories, model_type, tmp_path,
+                                                          monkeypatch):
+    """Isolated training on a CPU runs sdpa story by story: the same loss and gradients as sdpa with the 4-D block
+    mask, one causal call per story piece, and nothing of it in the saved config."""
+    block = 20
+    stories = short_stories + [short_stories[0]]
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if model_type == "gpt2" else {
+        "intermediate_size": 64}
+    torch.manual_seed(0)
+    model = models.load_model(tiny_args(model_type=model_type, block_size=block, config_overrides=no_dropout),
+                              tokenizer).train()
+    assert model.config._attn_implementation == models.STORY_ATTENTION
+    rows = data.pack_stories(stories, block, "isolated", tokenizer.pad_token_id)
+    batch = data.BlockCollator(models.STORY_ATTENTION)([{k: v[i] for k, v in rows.items()}
+                                                         for i in range(len(rows["input_ids"]))])
+    causal_calls = []
+    sdpa = models.sdpa_attention_forward
+    monkeypatch.setattr(models, "sdpa_attention_forward",
+                        lambda *a, is_causal=None, **k: causal_calls.append(is_causal) or sdpa(*a, is_causal=is_causal, **k))
+    results = {}
+    for attn in ("sdpa", models.STORY_ATTENTION):
+        model.set_attn_implementation(attn)
+        model.zero_grad()
+        causal_calls.clear()
+        loss = model(**batch).loss
+        loss.backward()
+        results[attn] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(causal_calls)
+    (loss, grads, calls), (story_loss, story_grads, story_calls) = results.values()
+    assert story_loss == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(story_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    segments = int((rows["position_ids"] == 0).sum())  # story pieces, and each pad token on its own
+    assert segments > len(_pieces(rows)) > len(stories)
+    assert calls == [] and story_calls == [True] * segments * model.config.num_hidden_layers
+    model.save_pretrained(tmp_path)
+    assert models.STORY_ATTENTION not in (tmp_path / "config.json").read_text()
+    for packing in ("concat", "pad"):
+        torch.manual_seed(0)
+        other = models.load_model(tiny_args(model_type=model_type, packing=packing), tokenizer)
+        assert other.config._attn_implementation == "sdpa"
 
 
 def test_isolated_packing_loss_equals_mean_of_story_losses(tokenizer, short_stories):

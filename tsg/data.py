@@ -275,6 +275,6 @@ class BlockCollator:
                 del batch["attention_mask"]
                 batch = {key: value.reshape(1, -1) for key, value in batch.items()}
             else:
-                additive = self.attn_implementation != "sdpa"
+                additive = not self.attn_implementation.startswith("sdpa")  # sdpa and sdpa_by_story: boolean
                 batch["attention_mask"] = block_causal_mask(batch["position_ids"], additive)
         return batch

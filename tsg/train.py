@@ -171,6 +171,9 @@ def report_start(args, training_args, summary, model, blocks) -> None:
         bits = "4-bit " + args.bnb_4bit_quant_type if args.load_in_4bit else "8-bit" if args.load_in_8bit else "full-precision"
         source += f", LoRA r={args.lora_r} alpha={args.lora_alpha} on {bits} weights"
     say(training_args, f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%}); {source}")
+    if model.config._attn_implementation == models.STORY_ATTENTION:
+        say(training_args, "attention: sdpa story by story in training on the CPU (isolated packing), with the "
+                           "block mask elsewhere")
     say(training_args, f"tokens per optimizer step = {training_args.per_device_train_batch_size} rows x "
                        f"{training_args.gradient_accumulation_steps} accumulation x {world} processes x "
                        f"{args.block_size} tokens = {rows_per_step * args.block_size:,}")
