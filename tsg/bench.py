@@ -20,8 +20,8 @@ Sections:
               llama2.c stories15M shape and on tiny_cpu.json's model
   memory      peak memory of loading and of one training step: full fine-tuning, LoRA, 8-bit and 4-bit QLoRA of
               one model (a GPT-2 medium shape), and its weights in memory, fp32 against 4-bit
-  gpu         only where torch sees a GPU: a GPT-2 XL shape (random weights) with 4-bit QLoRA, block 512: peak GPU
-              memory, tokens/s, MFU
+  gpu         only where torch sees a GPU: configs/xl_qlora.json on a GPT-2 XL shape (random weights): peak GPU
+              memory, tokens/s, MFU, as configured and with one lever at a time
 
 Models are built from configs with random weights (nothing is downloaded); the tokenizer is a byte-level BPE
 trained on the stories. Each timed comparison alternates its variants `repeats` times and keeps each one's
@@ -618,9 +618,9 @@ def gpu_run(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, folde
 
 
 def measure_gpu(work: Path, data_file: str, tokenizer_dir: Path, tokenizer, sizes: Sizes, peak: float | None) -> dict:
-    """configs/xl_qlora.json (GPT-2 XL, 4-bit nf4 QLoRA, bf16, block 512, batch 8, activation checkpointing) on
-    a GPT-2 XL shape with random weights, saved in bf16, through tsg's Trainer, one batch a step; then one lever
-    at a time against it (no activation checkpointing, twice the batch, bf16 LoRA without 4-bit weights)."""
+    """configs/xl_qlora.json (GPT-2 XL, 4-bit nf4 QLoRA, bf16, block 512, activation checkpointing) on a GPT-2
+    XL shape with random weights, saved in bf16, through tsg's Trainer, one batch a step; then one lever at a
+    time against it (no activation checkpointing, twice the batch, bf16 LoRA without 4-bit weights)."""
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}
     folder = work / "gpu-model"
