@@ -49,9 +49,10 @@ import torch  # noqa: E402
 from tsg import __version__  # noqa: E402
 from tsg.config import ConfigError  # noqa: E402
 from tsg.data import STORY_SEPARATOR, load_story_file, read_tinystories_txt  # noqa: E402
-from tsg.generate import (GenerateError, Settings, Story, clean_story, decoding_layout, fit_to_context,  # noqa: E402
-                          generation_config, load_model, looks_like_path, progress_bars_only_on_a_terminal,
-                          prompt_texts, read_lines, resolve_model_dir, stop_conditions)
+from tsg.generate import (GenerateError, Settings, Story, clean_story, fit_to_context,  # noqa: E402
+                          generate_batches, generation_config, load_model, looks_like_path,
+                          progress_bars_only_on_a_terminal, prompt_texts, read_lines, resolve_model_dir,
+                          stop_conditions)
 from tsg.model import context_length  # noqa: E402
 
 PROG = "tsg.evaluate"
@@ -270,7 +271,6 @@ class Told:
 def tell_and_count(model, tokenizer, prompts: list[str], settings: Settings, progress: bool = False) -> list[Told]:
     """The stories `tsg.generate.tell_stories` tells with these settings (the same batches, seed and calls, so the
     same stories), with the generated tokens counted and whether each reached the end-of-story token."""
-    from tqdm.auto import tqdm
     from transformers import set_seed
 
     settings.check()
@@ -280,15 +280,10 @@ def tell_and_count(model, tokenizer, prompts: list[str], settings: Settings, pro
     end_ids = torch.tensor(stop_conditions(model, tokenizer, settings.end_marker)[0])
     set_seed(settings.seed)
     told = []
-    for first in tqdm(range(0, len(texts), settings.batch_size), desc="Telling stories", unit="batch",
-                      disable=not progress):
-        batch = texts[first:first + settings.batch_size]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        with torch.inference_mode(), decoding_layout(model):
-            output = model.generate(**inputs, generation_config=config,
-                                    **({"tokenizer": tokenizer} if config.stop_strings else {}))
+    for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size,
+                                               progress=progress):
         decoded = tokenizer.batch_decode(output, skip_special_tokens=True)
-        new = output[:, inputs["input_ids"].shape[1]:].cpu()
+        new = new.cpu()
         ended = torch.isin(new, end_ids)
         for row, text in enumerate(decoded):
             index, number = divmod(row, settings.num_return_sequences)

@@ -474,6 +474,21 @@ def decoding_layout(model):
             embeddings.weight = weight
 
 
+def generate_batches(model, tokenizer, texts: list[str], config: GenerationConfig, batch_size: int,
+                     streamer=None, progress: bool = False):
+    """generate() on `texts` in left-padded batches: (index of the batch's first text, the output, its generated
+    part) for each batch, in order. The caller sets the seed once before the first batch."""
+    from tqdm.auto import tqdm
+
+    for first in tqdm(range(0, len(texts), batch_size), desc="Telling stories", unit="batch", disable=not progress):
+        inputs = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True,
+                           padding_side="left").to(model.device)
+        with torch.inference_mode(), decoding_layout(model):
+            output = model.generate(**inputs, generation_config=config, streamer=streamer,
+                                    **({"tokenizer": tokenizer} if config.stop_strings else {}))
+        yield first, output, output[:, inputs["input_ids"].shape[1]:]
+
+
 def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,
                  compile: bool = False, **overrides) -> list[Story]:
     """`num_return_sequences` stories for each prompt (a string or a list), told in batches of `batch_size` with
@@ -491,14 +506,9 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
     streamer = StoryStreamer(tokenizer, prompts[0], settings.start_marker, settings.end_marker) if stream else None
     set_seed(settings.seed)
     stories = []
-    for first in range(0, len(texts), settings.batch_size):
-        batch = texts[first:first + settings.batch_size]
-        inputs = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(model.device)
-        with torch.inference_mode(), decoding_layout(model):
-            output = model.generate(**inputs, generation_config=config, streamer=streamer,
-                                    **({"tokenizer": tokenizer} if config.stop_strings else {}))
+    for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size, streamer):
         decoded = tokenizer.batch_decode(output, skip_special_tokens=True)
-        counts = new_token_counts(output[:, inputs["input_ids"].shape[1]:], config.eos_token_id)
+        counts = new_token_counts(new, config.eos_token_id)
         for row, (text, tokens) in enumerate(zip(decoded, counts)):
             index, number = divmod(row, settings.num_return_sequences)
             story = clean_story(text, prompts[first + index], settings.start_marker, settings.end_marker)
