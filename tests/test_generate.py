@@ -22,6 +22,7 @@ from conftest import SEP
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tsg import generate
+from tsg.evaluate import tell_and_count
 from tsg.generate import GenerateError, Settings, banned_token_sequences, load_model, tell_stories
 
 CONTEXT = 64
@@ -221,8 +222,16 @@ def test_decoding_layout_changes_strides_not_stories(loaded, tmp_path):
         greedy = model.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert head.weight is weight and embeddings.weight is weight and weight.is_contiguous()  # put back
-    [story] = tell_stories(model, tokenizer, "The dog saw the ball", Settings(do_sample=False, max_new_tokens=30))
-    assert story.text == tokenizer.decode(greedy[0], skip_special_tokens=True).strip()
+    strides = []
+    hook = head.register_forward_pre_hook(lambda module, args: strides.append(module.weight.stride()))
+    try:
+        [story] = tell_stories(model, tokenizer, "The dog saw the ball", Settings(do_sample=False, max_new_tokens=30))
+        told = tell_and_count(model, tokenizer, ["The dog saw the ball"], Settings(do_sample=False, max_new_tokens=30))
+    finally:
+        hook.remove()
+    assert story.text == told[0].story.text == tokenizer.decode(greedy[0], skip_special_tokens=True).strip()
+    # one forward a new token, each with the laid-out weight, in both ways of telling
+    assert len(strides) == story.tokens + told[0].story.tokens and set(strides) == {(1, weight.shape[0])}
     assert head.weight is weight
     model.save_pretrained(tmp_path / "saved")  # a transposed-strides weight would not save
 

@@ -241,7 +241,7 @@ def test_story_by_story_attention_trains_as_the_block_mask(tokenizer, short_stor
     block = 20
     stories = short_stories + [short_stories[0]]
     no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if model_type == "gpt2" else {
-        "intermediate_size": 64}
+        "intermediate_size": 64, "num_key_value_heads": 2}  # grouped-query attention
     torch.manual_seed(0)
     model = models.load_model(tiny_args(model_type=model_type, block_size=block, config_overrides=no_dropout),
                               tokenizer).train()
@@ -274,6 +274,24 @@ def test_story_by_story_attention_trains_as_the_block_mask(tokenizer, short_stor
         torch.manual_seed(0)
         other = models.load_model(tiny_args(model_type=model_type, packing=packing), tokenizer)
         assert other.config._attn_implementation == "sdpa"
+
+
+def test_story_by_story_attention_keeps_padding_masked(tokenizer):
+    """A left-padded batch in training mode, with no position ids: the stories start where the mask says, so
+    real tokens never see the padding (the same logits as sdpa with the mask)."""
+    torch.manual_seed(0)
+    model = models.load_model(tiny_args(model_type="llama", config_overrides={"intermediate_size": 64}),
+                              tokenizer).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    logits = {}
+    with torch.no_grad():
+        for attn in ("sdpa", models.STORY_ATTENTION):
+            model.set_attn_implementation(attn)
+            logits[attn] = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[models.STORY_ATTENTION][mask.bool()], logits["sdpa"][mask.bool()],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_isolated_packing_loss_equals_mean_of_story_losses(tokenizer, short_stories):

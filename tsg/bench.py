@@ -595,23 +595,21 @@ def measure_memory(work: Path, tokenizer, sizes: Sizes) -> dict:
 # --- GPU ---
 
 
-def gpu_run(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, folder: Path, peak: float | None,
+def gpu_run(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, folder: Path, peak: float,
             *overrides: str) -> dict:
     """One configs/xl_qlora.json training run on the saved model (with `overrides`): tokens/s, MFU and the peak
     GPU memory of loading and training; the model is freed afterwards."""
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
     trainer = config_trainer(work, "gpu", data_file, tokenizer_dir, sizes, "--model_name_or_path", str(folder),
                              "--gradient_accumulation_steps", "1", *overrides,
                              config=REPO / "configs" / "xl_qlora.json")
-    run = mfu_run(trainer, sizes, peak or float("nan"))
+    run = mfu_run(trainer, sizes, peak)
     found = {"overrides": list(overrides), "parameters": models.count_parameters(trainer.model)[1],
              "block_size": trainer.story_args.block_size, "batch_size": trainer.args.per_device_train_batch_size,
              "activation_checkpointing": trainer.args.activation_checkpointing,
              "load_in_4bit": trainer.story_args.load_in_4bit,
-             "peak_memory_bytes": torch.cuda.max_memory_allocated() if on_gpu else None, **run}
+             "peak_memory_bytes": torch.cuda.max_memory_allocated(), **run}
     del trainer
     gc.collect()
     return found

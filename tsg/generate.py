@@ -456,7 +456,7 @@ def decoding_layout(model):
     matrix of a small model. Tied input embeddings share the laid-out weight (a lookup of a few rows a step)."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
-    if (model.device.type != "cpu" or type(head) is not torch.nn.Linear or weight is None
+    if (type(head) is not torch.nn.Linear or weight is None or weight.device.type != "cpu"
             or not weight.is_floating_point() or not weight.is_contiguous()):
         yield
         return
@@ -480,13 +480,15 @@ def generate_batches(model, tokenizer, texts: list[str], config: GenerationConfi
     part) for each batch, in order. The caller sets the seed once before the first batch."""
     from tqdm.auto import tqdm
 
-    for first in tqdm(range(0, len(texts), batch_size), desc="Telling stories", unit="batch", disable=not progress):
-        inputs = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True,
-                           padding_side="left").to(model.device)
-        with torch.inference_mode(), decoding_layout(model):
-            output = model.generate(**inputs, generation_config=config, streamer=streamer,
-                                    **({"tokenizer": tokenizer} if config.stop_strings else {}))
-        yield first, output, output[:, inputs["input_ids"].shape[1]:]
+    with decoding_layout(model):  # laid out once for all the batches
+        for first in tqdm(range(0, len(texts), batch_size), desc="Telling stories", unit="batch",
+                          disable=not progress):
+            inputs = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True,
+                               padding_side="left").to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**inputs, generation_config=config, streamer=streamer,
+                                        **({"tokenizer": tokenizer} if config.stop_strings else {}))
+            yield first, output, output[:, inputs["input_ids"].shape[1]:]
 
 
 def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,

@@ -195,24 +195,30 @@ def keep_trainable_layout(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def story_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    position_ids=None, **kwargs):
+def story_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """sdpa one story at a time inside each packed row, where that pays: training on a CPU, uncompiled.
 
-    An `isolated` row holds several stories, each with positions restarting at 0; the collator's 4-D mask keeps
-    them apart, but sdpa with a mask still computes the whole block x block product. Story by story with
-    `is_causal`, attention costs the sum of the stories' squared lengths instead: a third as much for
-    ~180-token stories in 512-token blocks, and the same outputs (tested). Everywhere else (evaluation,
-    generation with its KV cache, a GPU, torch.compile) this is transformers' sdpa with the mask it is given."""
+    An `isolated` row holds several stories; the collator's boolean 4-D mask keeps them apart, but sdpa with a
+    mask still computes the whole block x block product. A story starts wherever a token may not see the token
+    before it; story by story with `is_causal`, attention costs the sum of the stories' squared lengths instead:
+    a third as much for ~180-token stories in 512-token blocks, and the same outputs (tested). Everywhere else
+    (evaluation, generation with its KV cache, a GPU, torch.compile, no boolean 4-D mask) this is transformers'
+    sdpa with the mask it is given."""
     length = query.shape[2]
-    if (not module.training or query.device.type != "cpu" or position_ids is None or key.shape[2] != length
-            or position_ids.shape[-1] != length or torch.compiler.is_compiling()):
+    causal = kwargs.pop("is_causal", None) is not False
+    if (not module.training or not causal or query.device.type != "cpu" or key.shape[2] != length
+            or attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool
+            or torch.compiler.is_compiling()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    sees_previous = attention_mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1).expand(query.shape[0], -1)
+    breaks = [[] for _ in range(query.shape[0])]
+    for row, index in torch.nonzero(~sees_previous).tolist():
+        breaks[row].append(index + 1)
     rows = []  # split, not sliced: the backward of a split is one concatenation, of a slice a zero-filled copy
-    for positions, *qkv in zip(position_ids.expand(query.shape[0], -1), query.split(1), key.split(1), value.split(1)):
-        starts = sorted({0, *torch.nonzero(positions == 0).flatten().tolist(), length})
-        sizes = [end - start for start, end in zip(starts, starts[1:])]
+    for starts, *qkv in zip(breaks, query.split(1), key.split(1), value.split(1)):
+        bounds = [0, *starts, length]
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
         rows.append(torch.cat([
             sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
             for q, k, v in zip(*(tensor.split(sizes, dim=2) for tensor in qkv))], dim=1))
@@ -244,7 +250,8 @@ def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.packing == "isolated" and model.config._attn_implementation == "sdpa":
+    if (args.packing == "isolated" and on_cpu and model.config._attn_implementation == "sdpa"
+            and model.is_backend_compatible()):
         model.set_attn_implementation(STORY_ATTENTION)  # not saved: config.json keeps the model's default
     if args.use_peft:
         checkpointing = bool(training_args and training_args.activation_checkpointing)
