@@ -51,8 +51,8 @@ from tsg.config import ConfigError  # noqa: E402
 from tsg.data import STORY_SEPARATOR, load_story_file, read_tinystories_txt  # noqa: E402
 from tsg.generate import (GenerateError, Settings, Story, clean_story, fit_to_context,  # noqa: E402
                           generate_batches, generation_config, load_model, looks_like_path,
-                          progress_bars_only_on_a_terminal, prompt_texts, read_lines, resolve_model_dir,
-                          stop_conditions)
+                          new_token_counts, progress_bars_only_on_a_terminal, prompt_texts, read_lines,
+                          resolve_model_dir)
 from tsg.model import context_length  # noqa: E402
 
 PROG = "tsg.evaluate"
@@ -277,21 +277,20 @@ def tell_and_count(model, tokenizer, prompts: list[str], settings: Settings, pro
     texts = prompt_texts(prompts, settings.start_marker)
     settings = fit_to_context(model, tokenizer, prompts, settings)
     config = generation_config(model, tokenizer, settings)
-    end_ids = torch.tensor(stop_conditions(model, tokenizer, settings.end_marker)[0])
     set_seed(settings.seed)
     told = []
     for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size,
                                                progress=progress):
         decoded = tokenizer.batch_decode(output, skip_special_tokens=True)
         new = new.cpu()
-        ended = torch.isin(new, end_ids)
-        for row, text in enumerate(decoded):
+        counts = new_token_counts(new, config.eos_token_id)  # the end-of-story token included, as tell_stories
+        reached_end = torch.isin(new, torch.tensor(config.eos_token_id)).any(dim=1).tolist()
+        for row, (text, tokens, reached) in enumerate(zip(decoded, counts, reached_end)):
             index, number = divmod(row, settings.num_return_sequences)
             prompt = prompts[first + index]
-            reached = bool(ended[row].any())
-            length = int(ended[row].int().argmax()) if reached else new.shape[1]
+            length = tokens - reached  # before the end-of-story token
             story = Story(prompt, number + 1, clean_story(text, prompt, settings.start_marker, settings.end_marker),
-                          tokens=length + reached)  # as tell_stories counts: the end-of-story token included
+                          tokens)
             continuation = tokenizer.decode(new[row, :length], skip_special_tokens=True).strip()
             told.append(Told(story, continuation, length, reached))
     return told

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, Gen
 from transformers.utils import logging as hf_logging
 
 from tsg.config import COMMENT_PREFIX
-from tsg.model import context_length, with_pad_token
+from tsg.model import context_length, keep_standard_4bit_layout, with_pad_token
 
 PROG = "tsg.generate"
 DEFAULT_PROMPT = "Once upon a time"
@@ -208,21 +208,8 @@ def load_model(name: str, quantization: str = "none", device: str = "auto"):
         raise GenerateError(f"--model {name}: no model could be loaded ({' '.join(str(e).split())[:200]})") from None
     tokenizer.padding_side = "left"
     if quantization == "4bit" and device == "cpu":
-        keep_4bit_layout_where_unpackable(model)
+        keep_standard_4bit_layout(model, unpackable_only=True)
     return model.eval(), tokenizer
-
-
-def keep_4bit_layout_where_unpackable(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight for a faster kernel on its first eval-mode
-    call; the repacking fails for a layer whose input width is not a multiple of the quantization block size
-    (64: e.g. a width of 160). Those layers keep the standard 4-bit layout and kernel."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and module.in_features % module.weight.quant_state.blocksize:
-            module.support_avx512bf16_for_cpu = False
-
-
 
 
 # --- banned words ---

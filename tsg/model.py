@@ -163,7 +163,7 @@ def add_adapters(model: PreTrainedModel, args: StoryArguments, activation_checkp
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if args.load_in_4bit:
-        keep_trainable_layout(model)
+        keep_standard_4bit_layout(model)
     if args.quantized:
         model = prepare_model_for_kbit_training(
             model,
@@ -180,18 +180,20 @@ def add_adapters(model: PreTrainedModel, args: StoryArguments, activation_checkp
     return model
 
 
-def keep_trainable_layout(model: PreTrainedModel) -> None:
-    """Keep 4-bit weights in the layout that has a backward pass.
+def keep_standard_4bit_layout(model: PreTrainedModel, unpackable_only: bool = False) -> None:
+    """Keep 4-bit weights in bitsandbytes' standard layout and kernel.
 
-    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the
-    first time it runs in eval mode, and never packs it back: the training steps after the first
-    evaluation then fail (or would get no gradient through the base layers). Training runs keep the
-    standard layout throughout.
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the first time
+    it runs in eval mode, and never packs it back. Training keeps the standard layout throughout (the layout that
+    has a backward pass: else the steps after the first evaluation fail). For inference, `unpackable_only` keeps
+    it only where the repacking fails: layers whose input width is not a multiple of the quantization block size
+    (64: e.g. a width of 160).
     """
     import bitsandbytes as bnb
 
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, bnb.nn.Linear4bit) and (
+                not unpackable_only or module.in_features % module.weight.quant_state.blocksize):
             module.support_avx512bf16_for_cpu = False
 
 
