@@ -42,9 +42,9 @@ $(VENV)/.installed: pyproject.toml
 # Train configs/tiny_cpu.json from scratch for DEMO_STEPS steps, then tell stories.
 # DATA=PATH trains on a story file instead of the embedded sample; DATA=NAME on a hub data set.
 demo: install
-	$(BIN)/python -m tsg.train configs/tiny_cpu.json --max_steps $(DEMO_STEPS) --overwrite_output_dir true \
+	$(BIN)/tsg train configs/tiny_cpu.json --max_steps $(DEMO_STEPS) --overwrite_output_dir true \
 		$(if $(DATA),$(if $(wildcard $(DATA)),--train_file $(DATA),--train_file none --dataset_name $(DATA))) $(ARGS)
-	$(BIN)/python -m tsg.generate --model runs/tiny_cpu --prompt "$(PROMPT)" -n 3
+	$(BIN)/tsg generate --model runs/tiny_cpu --prompt "$(PROMPT)" -n 3
 
 # make train CONFIG=configs/NAME.json [LAUNCH=NAME: launch/NAME.yaml] [ARGS="--max_steps 20"]
 train: install
@@ -57,11 +57,12 @@ generate: install
 	@model="$(MODEL)"; [ -n "$$model" ] || model=$(NEWEST_RUN); \
 	if [ -z "$$model" ]; then echo "make generate: $(NO_RUN)" >&2; exit 2; fi; \
 	echo "make generate: model $$model"; \
-	$(BIN)/python -m tsg.generate --model "$$model" --prompt "$(PROMPT)" $(ARGS)
+	$(BIN)/tsg generate --model "$$model" --prompt "$(PROMPT)" $(ARGS)
 
 # make merge RUN=runs/qlora_cpu [OUT=runs/qlora_cpu-merged]
 merge: install
-	$(BIN)/python -m tsg.merge $(RUN) $(or $(OUT),$(RUN)-merged)
+	@[ -n "$(RUN)" ] || { echo "make merge: RUN=DIR is required (an adapter run, e.g. runs/qlora_cpu)" >&2; exit 2; }
+	$(BIN)/tsg merge $(RUN) $(or $(OUT),$(RUN)-merged)
 
 # make eval [MODEL=DIR, default: the newest run under runs/] [VALID=valid.txt] [TRAIN=train.txt] [ARGS="--max_stories 500"]
 # Writes MODEL/eval_report.json: held-out loss, perplexity and bits per byte, and generated-story scores.
@@ -69,14 +70,14 @@ eval: install
 	@model="$(MODEL)"; [ -n "$$model" ] || model=$(NEWEST_RUN); \
 	if [ -z "$$model" ]; then echo "make eval: $(NO_RUN)" >&2; exit 2; fi; \
 	echo "make eval: model $$model, held-out stories $(VALID)"; \
-	$(BIN)/python -m tsg.evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
+	$(BIN)/tsg evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
 
 evaluate: eval
 
 # make bench [DATA=stories.txt] [ARGS="--only generation"]: throughput, MFU, memory and generation speed, measured
 # side by side; prints a table and writes bench-results.json (< 20 min on 2 cores).
 bench: install
-	$(BIN)/python -m tsg.bench --data "$(BENCH_DATA)" --output bench-results.json $(ARGS)
+	$(BIN)/tsg bench --data "$(BENCH_DATA)" --output bench-results.json $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -119,3 +119,13 @@ def accelerate_launch_cmd() -> list[str]:
     if sibling.is_file():
         return [str(sibling), "launch"]
     return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def error_line(stderr: str, command: str) -> str:
+    """The one error line a command printed, `tsg <command>: error: ...`, checked to be the last line of stderr,
+    the only error line, and with no traceback before it (progress lines may precede it)."""
+    lines = stderr.strip().splitlines()
+    prefix = f"tsg {command}: error: "
+    assert lines and lines[-1].startswith(prefix), stderr[-2000:]
+    assert sum(line.startswith(prefix) for line in lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[-1]

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO, python_env, tiny_cli
-from tsg import data, merge, model as models, train
-from tsg.config import ConfigError, parse_args
+from tsg import adapter, cli, data, model as models, train, trainer as training
+from tsg.config import parse_args
+from tsg.files import UserError
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +48,17 @@ def test_adapter_training_changes_only_adapters_and_loss_falls(bits, base_dir, s
                                                  max_steps=12, per_device_train_batch_size=8))
     stories, _ = data.load_stories(args, seed=0)
     tokenizer = models.load_tokenizer(args)
-    _, blocks = train.build_blocks(args, training_args, stories, tokenizer)
+    _, blocks = training.build_blocks(args, training_args, stories, tokenizer)
     model = models.load_model(args, tokenizer, training_args)
-    trainable, total = models.count_parameters(model)
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     assert 0 < trainable < total / 5
     if bits == "4bit":
         import bitsandbytes as bnb
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     before = _parameters(model)
-    trainer = train.StoryTrainer(model=model, args=training_args, train_dataset=blocks["train"],
-                                 data_collator=data.BlockCollator(model.config._attn_implementation or "eager"))
+    trainer = training.StoryTrainer(model=model, args=training_args, train_dataset=blocks["train"],
+                                    data_collator=data.BlockCollator(model.config._attn_implementation or "eager"))
     trainer.train()
     after = _parameters(model)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -96,7 +97,7 @@ def _adapter_logits(run_dir: Path, base_dir: Path, ids):
 
 
 def test_merged_logits_equal_adapter_logits_on_a_full_precision_base(qlora_run, base_dir, tmp_path):
-    report = merge.merge(qlora_run, tmp_path / "merged")
+    report = adapter.merge(qlora_run, tmp_path / "merged")
     ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(1))
     base_logits, adapter_logits = _adapter_logits(qlora_run, base_dir, ids)
     assert (adapter_logits - base_logits).abs().max() > 1e-3  # the adapter learned something: the check can fail
@@ -114,7 +115,7 @@ def test_merged_logits_equal_adapter_logits_on_a_full_precision_base(qlora_run, 
 
 
 def test_merged_folder_loads_without_peft(qlora_run, tmp_path):
-    merge.main([str(qlora_run), str(tmp_path / "merged")])
+    cli.main(["merge", str(qlora_run), str(tmp_path / "merged")])
     code = (
         "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -129,24 +130,24 @@ def test_merged_folder_loads_without_peft(qlora_run, tmp_path):
 
 def test_failed_merge_check_writes_nothing(qlora_run, tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(merge.MergeError, match="nothing written"):
-        merge.merge(qlora_run, tmp_path / "out" / "merged", atol=-1.0, rtol=0.0)
+    with pytest.raises(UserError, match="nothing written"):
+        adapter.merge(qlora_run, tmp_path / "out" / "merged", atol=-1.0, rtol=0.0)
     assert not (tmp_path / "out" / "merged").exists()
     assert list((tmp_path / "out").iterdir()) == []  # no temporary folder left behind
 
 
 def test_merge_of_a_folder_without_adapter_is_a_clear_error(base_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        merge.main([str(base_dir), str(tmp_path / "out")])
+        cli.main(["merge", str(base_dir), str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_merged_model_dir_merges_once_and_reuses(qlora_run):
-    first = merge.merged_model_dir(qlora_run)
+    first = adapter.merged_model_dir(qlora_run)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    second = merge.merged_model_dir(qlora_run)
+    second = adapter.merged_model_dir(qlora_run)
     assert first == second == qlora_run / "merged"
     assert (second / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -154,7 +155,7 @@ def test_merged_model_dir_merges_once_and_reuses(qlora_run):
 def test_xl_qlora_config_builds_its_quantization_and_lora_configs():
     args, _ = parse_args([str(REPO / "configs" / "xl_qlora.json")])
     assert args.model_name_or_path == "gpt2-xl"
-    quantization = models.quantization_config(args, on_cpu=False)
+    quantization = models.training_quantization(args, on_cpu=False)
     assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
     assert quantization.bnb_4bit_use_double_quant and quantization.bnb_4bit_compute_dtype == torch.bfloat16
     lora = models.lora_config(args)
@@ -162,7 +163,7 @@ def test_xl_qlora_config_builds_its_quantization_and_lora_configs():
     assert lora.target_modules == "all-linear"
     # on a CPU the 4-bit matmuls run in float32 unless the config says otherwise
     args.bnb_4bit_compute_dtype = None
-    assert models.quantization_config(args, on_cpu=True).bnb_4bit_compute_dtype == torch.float32
+    assert models.training_quantization(args, on_cpu=True).bnb_4bit_compute_dtype == torch.float32
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -172,5 +173,5 @@ def test_xl_qlora_config_builds_its_quantization_and_lora_configs():
     (["--use_peft", "true", "--lora_dropout", "1.5"], "lora_dropout"),
 ])
 def test_bad_adapter_settings_are_refused(extra, message, tmp_path):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_args(["--model_name_or_path", "gpt2", "--output_dir", str(tmp_path), *extra])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SAMPLE_FILE, python_env, tiny_args
 
-from tsg import bench, data, generate, model as models
+from tsg import bench, data, generation, model as models
 
 NUMBERS = (int, float)
 
@@ -64,7 +64,7 @@ def test_hardware_and_raw_figures(results):
     for key in ("cold_num_proc_1", "cached_num_proc_1", "cold_num_proc_2", "cached_num_proc_2"):
         assert is_number(found["pipeline"][key]["seconds_per_mb"])
     gen = found["generation"]
-    for quantization in generate.QUANTIZATIONS:
+    for quantization in generation.QUANTIZATIONS:
         weights = gen["weights"][quantization]
         assert weights["batched32"]["stories"] == 32 and weights["batched32"]["tokens"] > 0
         assert is_number(weights["time_to_first_token_s"]) and weights["memory_footprint_bytes"] > 0
@@ -102,16 +102,16 @@ def test_pad_to_longest_cuts_only_padding(tokenizer, sample_stories):
 def test_story_tokens_count_up_to_the_end_of_story():
     eos = 9
     new = torch.tensor([[1, 2, eos, eos, eos], [1, 2, 3, 4, 5], [eos, eos, eos, eos, eos]])
-    assert generate.new_token_counts(new, [eos]) == [3, 5, 1]
+    assert generation.new_token_counts(new, [eos]) == [3, 5, 1]
 
 
 def test_compiled_decoding_tells_the_same_greedy_story(tokenizer, tiny_model):
     model = tiny_model(tokenizer)
-    plain = generate.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12)
-    compiled = generate.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12,
+    plain = generation.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12)
+    compiled = generation.tell_stories(model, tokenizer, "Once upon a time", do_sample=False, max_new_tokens=12,
                                      compile=True)
     assert compiled == plain and plain[0].tokens == 12
-    config = generate.generation_config(model, tokenizer, generate.Settings(), compile=True)
+    config = generation.generation_config(model, tokenizer, generation.Settings(), compile=True)
     assert config.cache_implementation == "static" and config.compile_config.fullgraph
 
 
@@ -135,6 +135,6 @@ def test_4bit_generation_on_the_cpu_with_a_width_bitsandbytes_cannot_repack(tmp_
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, tok = generate.load_model(str(tmp_path), "4bit", "cpu")
-    stories = generate.tell_stories(model, tok, ["Once upon a time", "Tom"], max_new_tokens=5)
+    model, tok = generation.load_model(str(tmp_path), "4bit", "cpu")
+    stories = generation.tell_stories(model, tok, ["Once upon a time", "Tom"], max_new_tokens=5)
     assert len(stories) == 2 and all(1 <= story.tokens <= 5 for story in stories)

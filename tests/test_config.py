@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from tsg.config import ConfigError, StoryArguments, parse_args, read_config_file, write_run_config
+from tsg.config import StoryArguments, load_file, parse_args, write_run_config
+from tsg.files import UserError
 
 CONFIG_FILES = sorted(
     p for pattern in ("*.json", "*.yaml", "*.yml") for p in (REPO / "configs").glob(pattern)
@@ -33,7 +34,7 @@ def test_configs_folder_is_not_empty():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_every_shipped_config_parses(path):
     story, training = parse_args([str(path)])
-    raw = read_config_file(path)
+    raw = load_file(path)
     assert bool(story.model_name_or_path) != bool(story.model_type)
     expected_dir = raw.get("output_dir") or str(Path("runs") / path.stem)
     assert training.output_dir == expected_dir
@@ -92,7 +93,7 @@ def test_yaml_works_like_json(tmp_path):
 def test_comment_keys_are_ignored(tmp_path):
     cfg = write_json(tmp_path / "c.json", {"//": "what this is", "// learning_rate": "not a key", "// max_steps": 3,
                                            "model_type": "gpt2", "train_file": "a.txt"})
-    assert read_config_file(cfg) == {"model_type": "gpt2", "train_file": "a.txt"}
+    assert load_file(cfg) == {"model_type": "gpt2", "train_file": "a.txt"}
     story, training = parse_args([str(cfg)])
     assert training.max_steps == -1  # the default, not the commented-out 3
 
@@ -118,9 +119,9 @@ def test_null_keeps_default_and_bools(tmp_path):
 def test_config_overrides_from_cli_string():
     story, _ = parse_args(SCRATCH + ["--config_overrides", '{"n_inner": 64, "activation_function": "gelu"}'])
     assert story.config_overrides == {"n_inner": 64, "activation_function": "gelu"}
-    with pytest.raises(ConfigError, match="config_overrides"):
+    with pytest.raises(UserError, match="config_overrides"):
         parse_args(SCRATCH + ["--config_overrides", "{n_inner: 64"])
-    with pytest.raises(ConfigError, match="config_overrides"):
+    with pytest.raises(UserError, match="config_overrides"):
         parse_args(SCRATCH + ["--config_overrides", "[1, 2]"])
 
 
@@ -134,7 +135,7 @@ def test_half_precision_on_cpu_falls_back_to_fp32():
 
 def test_unknown_key_in_file_names_file_key_and_suggestion(tmp_path):
     cfg = write_json(tmp_path / "typo.json", {"model_type": "gpt2", "train_file": "a.txt", "learning_rat": 0.1})
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args([str(cfg)])
     message = str(err.value)
     assert str(cfg) in message and "'learning_rat'" in message
@@ -145,56 +146,56 @@ def test_unknown_key_in_file_names_file_key_and_suggestion(tmp_path):
 def test_unknown_key_in_yaml_file(tmp_path):
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("model_type: gpt2\ntrain_file: a.txt\nblock_sise: 64\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'block_sise'.*did you mean 'block_size'"):
+    with pytest.raises(UserError, match=r"typo\.yaml: unknown key 'block_sise'.*did you mean 'block_size'"):
         parse_args([str(cfg)])
 
 
 def test_unknown_cli_key():
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args(SCRATCH + ["--max_step", "3"])
     message = str(err.value)
     assert "command line" in message and "'max_step'" in message and "did you mean 'max_steps'" in message
 
 
 def test_unknown_key_without_close_match_has_no_suggestion():
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args(SCRATCH + ["--zzzqqq", "1"])
     assert "'zzzqqq'" in str(err.value) and "did you mean" not in str(err.value)
 
 
 def test_single_dash_option_is_refused():
-    with pytest.raises(ConfigError, match="two dashes"):
+    with pytest.raises(UserError, match="two dashes"):
         parse_args(SCRATCH + ["-lr", "0.1"])
 
 
 def test_stray_words_on_the_command_line_are_refused(tmp_path):
     cfg = write_json(tmp_path / "c.json", {"model_type": "gpt2", "train_file": "a.txt"})
-    with pytest.raises(ConfigError, match="max_steps"):
+    with pytest.raises(UserError, match="max_steps"):
         parse_args([str(cfg), "max_steps", "3"])  # forgot the dashes
-    with pytest.raises(ConfigError, match="other.json"):
+    with pytest.raises(UserError, match="other.json"):
         parse_args([str(cfg), str(tmp_path / "other.json")])  # one config file only
 
 
 def test_wrong_type_in_file_names_file_and_key(tmp_path):
     cfg = write_json(tmp_path / "bad.json", {"model_type": "gpt2", "train_file": "a.txt", "learning_rate": "fast"})
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args([str(cfg)])
     assert str(cfg) in str(err.value) and "learning_rate" in str(err.value) and "fast" in str(err.value)
 
 
 def test_wrong_type_on_cli():
-    with pytest.raises(ConfigError, match="max_steps"):
+    with pytest.raises(UserError, match="max_steps"):
         parse_args(SCRATCH + ["--max_steps", "ten"])
-    with pytest.raises(ConfigError, match="packing"):
+    with pytest.raises(UserError, match="packing"):
         parse_args(SCRATCH + ["--packing", "stuffed"])
-    with pytest.raises(ConfigError, match="use_cpu"):
+    with pytest.raises(UserError, match="use_cpu"):
         parse_args(SCRATCH + ["--use_cpu", "maybe"])
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
     cfg = tmp_path / "broken.json"
     cfg.write_text('{\n  "model_type": "gpt2",\n  "train_file": "a.txt"\n  "block_size": 64\n}\n', encoding="utf-8")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args([str(cfg)])
     assert str(err.value).startswith(f"{cfg}:4:")
     assert "malformed JSON" in str(err.value)
@@ -203,24 +204,24 @@ def test_malformed_json_names_file_and_line(tmp_path):
 def test_malformed_yaml_names_file_and_line(tmp_path):
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("model_type: gpt2\ntrain_file: a.txt\nblock_size: [64\nlearning_rate: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigError) as err:
-        read_config_file(cfg)
+    with pytest.raises(UserError) as err:
+        load_file(cfg)
     assert str(err.value).startswith(f"{cfg}:") and "malformed YAML" in str(err.value)
 
 
 def test_non_string_yaml_key_is_a_config_error(tmp_path):
     cfg = tmp_path / "odd.yaml"
     cfg.write_text("model_type: gpt2\ntrain_file: a.txt\n4: layers\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"odd\.yaml"):
+    with pytest.raises(UserError, match=r"odd\.yaml"):
         parse_args([str(cfg)])
 
 
 def test_config_file_not_found_and_not_an_object(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         parse_args([str(tmp_path / "missing.json")])
     cfg = tmp_path / "list.json"
     cfg.write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(ConfigError, match="list.json"):
+    with pytest.raises(UserError, match="list.json"):
         parse_args([str(cfg)])
 
 
@@ -243,7 +244,7 @@ def test_config_file_not_found_and_not_an_object(tmp_path):
          "shape-with-pretrained", "zero-block", "split-100", "no-stories"],
 )
 def test_impossible_combinations(argv, words):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         parse_args(argv)
     for word in words:
         assert word in str(err.value)
@@ -252,12 +253,12 @@ def test_impossible_combinations(argv, words):
 def test_impossible_combination_in_file_names_file(tmp_path):
     cfg = write_json(tmp_path / "combo.json", {"model_name_or_path": "gpt2", "model_type": "gpt2",
                                                "train_file": "a.txt"})
-    with pytest.raises(ConfigError, match=r"combo\.json"):
+    with pytest.raises(UserError, match=r"combo\.json"):
         parse_args([str(cfg)])
 
 
 def test_story_arguments_direct_checks():
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         StoryArguments(model_type="gpt2", hidden_size=33, num_attention_heads=4, train_file="a.txt")
     ok = StoryArguments(model_type="gpt2", train_file="a.txt", config_overrides='{"n_inner": 8}')
     assert ok.from_scratch and ok.config_overrides == {"n_inner": 8}

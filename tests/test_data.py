@@ -12,7 +12,7 @@ from conftest import SAMPLE_FILE, SEP, tiny_args, write_txt
 from datasets import Dataset, DatasetDict
 
 from tsg import data
-from tsg.config import ConfigError
+from tsg.files import UserError
 
 IGNORE = -100
 STORIES = [
@@ -80,58 +80,58 @@ def test_text_column_is_renamed(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"nothere\.txt"):
+    with pytest.raises(UserError, match=r"nothere\.txt"):
         load(tmp_path / "nothere.txt")
 
 
 def test_unknown_extension(tmp_path):
     (tmp_path / "s.xml").write_text("<story/>")
-    with pytest.raises(ConfigError, match=r"s\.xml.*'\.xml'"):
+    with pytest.raises(UserError, match=r"s\.xml.*'\.xml'"):
         data.load_story_file(str(tmp_path / "s.xml"))
 
 
 def test_csv_without_text_column_names_file_and_column(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text("title,body\na,b\nc,d\n")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         load(path)
     assert str(path) in str(err.value) and "'text'" in str(err.value) and "body" in str(err.value)
-    with pytest.raises(ConfigError, match="'story'"):
+    with pytest.raises(UserError, match="'story'"):
         load(path, text_column="story")
 
 
 def test_unreadable_file_is_a_config_error(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"text": "a"\n{oops\n')
-    with pytest.raises(ConfigError, match=r"s\.jsonl"):
+    with pytest.raises(UserError, match=r"s\.jsonl"):
         load(path)
 
 
 def test_all_blank_stories_is_an_error(tmp_path):
     path = tmp_path / "blank.txt"
     path.write_text(f"\n{SEP}\n   \n{SEP}\n\n{SEP}\n")
-    with pytest.raises(ConfigError, match=r"blank\.txt: no stories"):
+    with pytest.raises(UserError, match=r"blank\.txt: no stories"):
         load(path)
 
 
 def test_csv_with_header_only_is_an_error(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("text\n")
-    with pytest.raises(ConfigError, match=r"empty\.csv"):
+    with pytest.raises(UserError, match=r"empty\.csv"):
         load(path)
 
 
 def test_csv_with_blank_cells_only_is_an_error(tmp_path):
     path = tmp_path / "blank.csv"
     path.write_text('text\n""\n"  "\n')
-    with pytest.raises(ConfigError, match=r"blank\.csv"):
+    with pytest.raises(UserError, match=r"blank\.csv"):
         load(path)
 
 
 def test_empty_txt_file_is_a_config_error(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("")
-    with pytest.raises(ConfigError, match=r"empty\.txt"):
+    with pytest.raises(UserError, match=r"empty\.txt"):
         load(path)
 
 
@@ -172,7 +172,7 @@ def test_split_percentage_zero_means_no_validation(tmp_path):
 
 
 def test_one_story_cannot_be_split(tmp_path):
-    with pytest.raises(ConfigError, match="one story"):
+    with pytest.raises(UserError, match="one story"):
         load(write_txt(tmp_path / "s.txt", STORIES[:1]), validation_split_percentage=5)
 
 
@@ -211,7 +211,7 @@ def test_tokenizer_without_eos_is_refused(tokenizer):
         eos_token_id = None
         name_or_path = "no-eos"
 
-    with pytest.raises(ConfigError, match="eos"):
+    with pytest.raises(UserError, match="eos"):
         data.tokenize_stories(DatasetDict({"train": Dataset.from_dict({"text": ["a"]})}), NoEos())
 
 

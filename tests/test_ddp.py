@@ -15,7 +15,7 @@ PROBE = """
 import hashlib, json, os, sys
 import torch
 from transformers import PreTrainedTokenizerBase
-from tsg import train
+from tsg import train, trainer as training
 
 rank = int(os.environ.get("RANK", "0"))
 calls = {"tokenize": 0, "batches": []}
@@ -25,13 +25,13 @@ def counting(self, *a, **k):
     return encode(self, *a, **k)
 PreTrainedTokenizerBase.__call__ = counting
 
-step = train.StoryTrainer.training_step
+step = training.StoryTrainer.training_step
 def recording(self, model, inputs, *a, **k):
     calls["batches"].append([hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in inputs["input_ids"]])
     return step(self, model, inputs, *a, **k)
-train.StoryTrainer.training_step = recording
+training.StoryTrainer.training_step = recording
 
-save = train.save
+save = training.save
 def save_and_dump(trainer, result):
     save(trainer, result)
     weights = torch.cat([p.detach().flatten().double() for p in trainer.model.parameters()])
@@ -39,7 +39,7 @@ def save_and_dump(trainer, result):
     calls["world_size"] = trainer.args.world_size
     with open(os.path.join(sys.argv[-1], f"probe-{rank}.json"), "w") as f:
         json.dump(calls, f)
-train.save = save_and_dump
+training.save = save_and_dump
 train.main(sys.argv[1:-1])
 """
 

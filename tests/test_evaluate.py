@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import python_env, write_txt
+from conftest import error_line, python_env, write_txt
 from datasets import Dataset, DatasetDict
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tsg import data
-from tsg import evaluate as ev
-from tsg.generate import Settings, load_model, tell_stories
+from tsg import cli, data, scoring as ev
+from tsg.data import story_text, story_token_ids
+from tsg.generation import Settings, load_model, tell_stories
+from tsg.model import context_length
 
 CONTEXT = 64
 P_EOS = 0.15
@@ -89,14 +90,23 @@ def hand_counts(tokenizer, stories: list[str]) -> tuple[int, int, int]:
     return len(stories), predicted, sum(len(s.encode("utf-8")) for s in stories)
 
 
+def evaluate_cli(*words) -> dict:
+    """`tsg evaluate WORDS`; returns the report it wrote (at --output, else beside the model)."""
+    words = [str(w) for w in words]
+    cli.main(["evaluate", *words])
+    output = words[words.index("--output") + 1] if "--output" in words else \
+        Path(words[words.index("--model") + 1]) / "eval_report.json"
+    return json.loads(Path(output).read_text(encoding="utf-8"))
+
+
 # --- held-out scores ---
 
 
 def test_uniform_model_bits_per_byte_by_hand(uniform_dir, valid_txt, stories, tokenizer, tmp_path):
     n_stories, predicted, n_bytes = hand_counts(tokenizer, stories)
     vocab = len(tokenizer)
-    report = ev.main(["--model", str(uniform_dir), "--data", str(valid_txt), "--output", str(tmp_path / "r.json"),
-                      "--num_samples_per_prompt", "0", "--batch_size", "5"])
+    report = evaluate_cli("--model", uniform_dir, "--data", valid_txt, "--output", tmp_path / "r.json",
+                          "--num_samples_per_prompt", "0", "--batch_size", "5")
     assert report["long_stories"] > 0  # windows were used
     assert (report["stories"], report["predicted_tokens"], report["bytes"]) == (n_stories, predicted, n_bytes)
     assert report["tokens"] == predicted  # each story's tokens with its eos; the eos context is not counted
@@ -133,7 +143,7 @@ def test_windows_score_each_token_once_with_half_a_context(length, context):
 def test_scores_equal_the_model_on_each_story_alone(tiny_model, tokenizer, stories):
     """Batched, padded and windowed scoring equals the model's own loss on each story, window by window."""
     model = tiny_model(tokenizer)  # context 64
-    assert ev.context_length(model.config) == CONTEXT
+    assert context_length(model.config) == CONTEXT
     eos = tokenizer.eos_token_id
     batched = ev.score_stories(model, tokenizer, stories, batch_size=7)
     first_total = 0.0
@@ -158,8 +168,8 @@ def test_scores_equal_the_model_on_each_story_alone(tiny_model, tokenizer, stori
 def test_stories_are_tokenized_as_the_trainer_does(tokenizer, stories):
     marked = [stories[0] + " <|endoftext|>", "  " + stories[1] + "\n"]  # tsg.prepare's marker, stray spaces
     trained = data.tokenize_stories(DatasetDict({"validation": Dataset.from_dict({"text": marked})}), tokenizer)
-    assert ev.story_token_ids(tokenizer, marked) == trained["validation"]["input_ids"]
-    assert ev.story_text(marked[0], tokenizer.eos_token) == stories[0]
+    assert story_token_ids(tokenizer, marked) == trained["validation"]["input_ids"]
+    assert story_text(marked[0], tokenizer.eos_token) == stories[0]
 
 
 # --- generation scores ---
@@ -201,27 +211,27 @@ def test_story_scores_load_by_path_without_the_network(monkeypatch):
     assert metric.compute(predictions=["x y z"])["distinct_1"] == 1.0
 
 
-def test_generation_equals_tell_stories_and_counts_tokens(eos_dir):
+def test_told_stories_count_their_tokens_and_end(eos_dir):
     model, tokenizer = load_model(str(eos_dir), device="cpu")
     settings = Settings(max_new_tokens=8, top_k=0, num_return_sequences=4, seed=3, batch_size=2)
     prompts = ["Once upon a time", "Tom had a dog.", "The sun was hot."]
-    told = ev.tell_and_count(model, tokenizer, prompts, settings)
-    assert [t.story for t in told] == tell_stories(model, tokenizer, prompts, settings)
-    assert {t.eos_reached for t in told} == {True, False}  # P(eos) = 0.15 a token: some end, some run out
-    for t in told:
-        assert t.tokens == settings.max_new_tokens if not t.eos_reached else t.tokens < settings.max_new_tokens
-        assert t.continuation in t.story.text
+    told = tell_stories(model, tokenizer, prompts, settings)
+    assert told == tell_stories(model, tokenizer, prompts, settings)
+    assert {s.ended for s in told} == {True, False}  # P(eos) = 0.15 a token: some end, some run out
+    for s in told:
+        assert s.length == settings.max_new_tokens if not s.ended else s.length < settings.max_new_tokens
+        assert s.tokens == s.length + s.ended  # the end-of-story token counted in tokens, not in length
+        assert s.continuation in s.text
 
 
 # --- the command line ---
 
 
 def test_cli_end_to_end(uniform_dir, valid_txt, prompts_file, small_txt, tmp_path, capsys):
-    report = ev.main(["--model", str(uniform_dir), "--data", str(valid_txt), "--prompts", str(prompts_file),
-                      "--num_samples_per_prompt", "2", "--max_new_tokens", "30", "--max_stories", "5",
-                      "--train_data", str(small_txt), "--seed", "1"])
-    path = uniform_dir / ev.REPORT_NAME  # the default: beside the model
-    assert json.loads(path.read_text(encoding="utf-8")) == report
+    report = evaluate_cli("--model", uniform_dir, "--data", valid_txt, "--prompts", prompts_file,
+                          "--num_samples_per_prompt", "2", "--max_new_tokens", "30", "--max_stories", "5",
+                          "--train_data", small_txt, "--seed", "1")
+    assert (uniform_dir / "eval_report.json").is_file()  # the default: beside the model
     for key in (*ev.SCORE_KEYS, "settings", "model", "data", "stories", "tokens", "bytes", "samples"):
         assert key in report
         assert report[key] is not None, key
@@ -250,24 +260,23 @@ def test_bad_input_is_one_line_and_exit_2(case, uniform_dir, valid_txt, tmp_path
     long.write_text("word " * 200 + "\n", encoding="utf-8")
     base = {"--model": str(uniform_dir), "--data": str(valid_txt), "--output": str(tmp_path / "r.json")}
     change, expected = {
-        "no data file": ({"--data": str(tmp_path / "missing.txt")}, "--data"),
-        "no model": ({"--model": str(tmp_path / "missing")}, "--model"),
-        "not a model": ({"--model": str(tmp_path)}, "--model"),
-        "bad max_stories": ({"--max_stories": "0"}, "--max_stories"),
-        "unknown option": ({"--temperatur": "2"}, "--temperatur"),
-        "empty data": ({"--data": str(empty)}, "no stories"),
-        "no prompts": ({"--prompts": str(blank)}, "--prompts"),
-        "output is a folder": ({"--output": str(tmp_path)}, "--output"),
-        "no text column": ({"--data": str(csv)}, "--data"),
-        "train data without text column": ({"--train_data": str(csv)}, "--train_data"),
-        "prompt too long": ({"--prompts": str(long)}, "--prompt"),
+        "no data file": ({"--data": str(tmp_path / "missing.txt")}, "missing.txt: no such file (data)"),
+        "no model": ({"--model": str(tmp_path / "missing")}, "missing: no such folder"),
+        "not a model": ({"--model": str(tmp_path)}, f"{tmp_path}: not a model folder"),
+        "bad max_stories": ({"--max_stories": "0"}, "max_stories: expected a positive integer"),
+        "unknown option": ({"--temperatur": "2"}, "unknown key 'temperatur'"),
+        "empty data": ({"--data": str(empty)}, "empty.txt: no stories"),
+        "no prompts": ({"--prompts": str(blank)}, "blank.txt: the file holds no lines (prompts)"),
+        "output is a folder": ({"--output": str(tmp_path)}, "is a folder"),
+        "no text column": ({"--data": str(csv)}, "stories.csv: no 'text' column"),
+        "train data without text column": ({"--train_data": str(csv)}, "stories.csv: no 'text' column"),
+        "prompt too long": ({"--prompts": str(long)}, "tokens long, but the model's context is"),
     }[case]
     argv = [word for option, value in (base | change).items() for word in (option, value)]
     with pytest.raises(SystemExit) as stop:
-        ev.main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tsg.evaluate: error: ") and "\n" not in err and expected in err, err
+        cli.main(["evaluate", *argv])
+    assert stop.value.code == 2 and expected in error_line(capsys.readouterr().err, "evaluate")
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_python_m_missing_data_exits_2(uniform_dir, tmp_path):
@@ -275,4 +284,4 @@ def test_python_m_missing_data_exits_2(uniform_dir, tmp_path):
                           str(tmp_path / "missing.txt")], capture_output=True, text=True, env=python_env(),
                          timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip() == f"tsg.evaluate: error: --data {tmp_path / 'missing.txt'}: no such file"
+    assert run.stderr.strip() == f"tsg evaluate: error: {tmp_path / 'missing.txt'}: no such file (data)"

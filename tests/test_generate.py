@@ -1,4 +1,4 @@
-"""Telling stories with `tsg.generate`: banned words in every tokenization, reproducible sampling, batched (left
+"""Telling stories with `tsg generate` and the story-telling library `tsg.generation`: banned words in every tokenization, reproducible sampling, batched (left
 padded) greedy generation equal to one prompt at a time, markers, streaming, output files, the config file, the
 errors, and 8-bit / 4-bit loading.
 
@@ -18,12 +18,12 @@ import types
 
 import pytest
 import torch
-from conftest import SEP
+from conftest import SEP, error_line
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tsg import generate
-from tsg.evaluate import tell_and_count
-from tsg.generate import GenerateError, Settings, banned_token_sequences, load_model, tell_stories
+from tsg import cli, generation
+from tsg.files import UserError
+from tsg.generation import Settings, banned_token_sequences, load_model, tell_stories
 
 CONTEXT = 64
 DOG = re.compile(r"\bdog\b", re.IGNORECASE)
@@ -99,9 +99,9 @@ def loaded(model_dir):
 
 
 def run_main(argv, capsys):
-    """tsg.generate.main(argv) -> (exit code, stdout, stderr)."""
+    """`tsg generate ARGV` -> (exit code, stdout, stderr)."""
     try:
-        generate.main([str(a) for a in argv])
+        cli.main(["generate", *map(str, argv)])
         code = 0
     except SystemExit as e:
         code = e.code
@@ -129,18 +129,15 @@ def test_banned_sequences_are_every_spelling_of_every_variant(tokenizer):
             if all(c in vocab for c in chunks):
                 expected.add(tuple(vocab[c] for c in chunks))
     assert sequences == expected
-    pieces = generate.token_pieces(tokenizer)
-    assert [generate.count_spellings(v.encode(), pieces) for v in variants] == \
-        [len(generate.spellings(v, pieces)) for v in variants]
+    pieces = generation.token_pieces(tokenizer)
+    assert [generation.count_spellings(v.encode(), pieces) for v in variants] == \
+        [len(generation.spellings(v, pieces)) for v in variants]
     for text in variants:  # the canonical tokenization and the letter-by-letter one are among them
         assert tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) in sequences
     assert tuple(vocab[c] for c in ["d", "o", "g"]) in sequences
 
 
 def test_banned_sequences_count_tokens_that_hold_part_of_a_character(tokenizer):
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    assert generate.byte_level_alphabet() == {c: b for b, c in bytes_to_unicode().items()}
     sequences = banned_token_sequences(tokenizer, ["café"])
     assert {tokenizer.decode(s) for s in sequences} == {"café", " café", "Café", " Café"}
     usual = tokenizer(" café", add_special_tokens=False)["input_ids"]
@@ -163,8 +160,8 @@ def test_banned_word_is_never_told(loaded, monkeypatch):
     assert sum(bool(DOG.search(s.text)) for s in free) >= 40  # the model loves dogs ...
     assert [s.text for s in banned if DOG.search(s.text)] == []  # ... and never tells of one when it is banned
     # banning only the usual tokenization of each variant is not enough: the model spells dogs other ways
-    usual = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in generate.word_variants("dog")]
-    monkeypatch.setattr(generate, "banned_token_sequences", lambda tok, words: usual if words else [])
+    usual = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in generation.word_variants("dog")]
+    monkeypatch.setattr(generation, "banned_token_sequences", lambda tok, words: usual if words else [])
     half_banned = tell_stories(model, tokenizer, "One day,", settings, banned_words=("dog",))
     assert sum(bool(DOG.search(s.text)) for s in half_banned) >= 3
 
@@ -215,7 +212,7 @@ def test_decoding_layout_changes_strides_not_stories(loaded, tmp_path):
     ids = tokenizer(["The dog saw the ball"], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         expected = model(ids).logits
-        with generate.decoding_layout(model):
+        with generation.decoding_layout(model):
             assert head.weight.stride() == (1, weight.shape[0]) and embeddings.weight is head.weight
             assert torch.equal(head.weight, weight)
             logits = model(ids).logits
@@ -226,12 +223,13 @@ def test_decoding_layout_changes_strides_not_stories(loaded, tmp_path):
     hook = head.register_forward_pre_hook(lambda module, args: strides.append(module.weight.stride()))
     try:
         [story] = tell_stories(model, tokenizer, "The dog saw the ball", Settings(do_sample=False, max_new_tokens=30))
-        told = tell_and_count(model, tokenizer, ["The dog saw the ball"], Settings(do_sample=False, max_new_tokens=30))
+        [again] = tell_stories(model, tokenizer, ["The dog saw the ball"], Settings(do_sample=False, max_new_tokens=30),
+                               batch_size=4)
     finally:
         hook.remove()
-    assert story.text == told[0].story.text == tokenizer.decode(greedy[0], skip_special_tokens=True).strip()
-    # one forward a new token, each with the laid-out weight, in both ways of telling
-    assert len(strides) == story.tokens + told[0].story.tokens and set(strides) == {(1, weight.shape[0])}
+    assert story.text == again.text == tokenizer.decode(greedy[0], skip_special_tokens=True).strip()
+    # one forward a new token, each with the laid-out weight, in both calls
+    assert len(strides) == story.tokens + again.tokens and set(strides) == {(1, weight.shape[0])}
     assert head.weight is weight
     model.save_pretrained(tmp_path / "saved")  # a transposed-strides weight would not save
 
@@ -255,7 +253,7 @@ def test_markers_are_read_and_stripped(loaded):
 
 
 def test_streamer_strips_markers_split_over_tokens(tokenizer, capsys):
-    streamer = generate.StoryStreamer(tokenizer, prompt="A </e> B", start_marker="<s>", end_marker="</e>")
+    streamer = generation.StoryStreamer(tokenizer, prompt="A </e> B", start_marker="<s>", end_marker="</e>")
     for chunk in ["<", "s>A </e> B", " and c </", "e> not shown"]:
         streamer.on_finalized_text(chunk)
     streamer.on_finalized_text("", stream_end=True)
@@ -267,7 +265,7 @@ def test_beam_search(loaded):
     stories = tell_stories(model, tokenizer, "Once upon a time", Settings(do_sample=False, num_beams=3,
                                                                          num_return_sequences=2, max_new_tokens=20))
     assert [s.number for s in stories] == [1, 2] and stories[0].text != stories[1].text
-    with pytest.raises(GenerateError, match="num_beams"):
+    with pytest.raises(UserError, match="num_beams"):
         tell_stories(model, tokenizer, "Once", Settings(num_beams=2, num_return_sequences=3))
 
 
@@ -327,39 +325,41 @@ def test_config_file_with_comments_and_cli_override(model_dir, tmp_path, capsys)
 def test_context_overflow_lowers_max_new_tokens(model_dir, capsys):
     code, out, err = run_main(["--model", model_dir, "-q", "Once upon a time", "-n", 2, "--max_new_tokens", 500],
                               capsys)
-    assert code == 0 and "--max_new_tokens 500 lowered to" in err
+    assert code == 0 and "max_new_tokens 500 lowered to" in err
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-q", "   "], "--prompt: the prompt is empty"),
+    (["-q", "   "], "prompt: the prompt is empty"),
     (["-q", "dog " * CONTEXT], f"the model's context is {CONTEXT} tokens"),
-    (["--temperature", "0"], "--temperature: expected a positive number when sampling"),
+    (["--temperature", "0"], "temperature: expected a positive number when sampling"),
     (["--output", "stories.txt"], "expected a .csv or .jsonl file"),
-    (["--top_p", "1.5"], "--top_p"),
-    (["--quantization", "3bit"], "--quantization"),
-    (["-n", "0"], "--num_return_sequences"),
-    (["--greedy", "-n", "2"], "--greedy would tell the same story each time"),
+    (["--top_p", "1.5"], "top_p: expected a number in (0, 1]"),
+    (["--quantization", "3bit"], "quantization: invalid choice"),
+    (["-n", "0"], "num_return_sequences: expected a positive integer"),
+    (["--greedy", "-n", "2"], "without sampling (greedy) would tell the same story each time"),
+    (["--do_sample", "false", "-n", "2"], "without sampling (greedy) would tell the same story each time"),
+    (["--prompts_file", "missing.txt"], "missing.txt: no such file (prompts_file)"),
     (["--banned_words", "dog", "extraordinary" * 3], "tokenizations with this vocabulary"),
 ])
 def test_cli_errors(model_dir, args, message, capsys):
     code, out, err = run_main(["--model", model_dir, *args], capsys)
-    assert code == 2
-    assert err.startswith("tsg.generate: error:") and err.count("\n") == 1 and message in err, err
+    assert code == 2 and message in error_line(err, "generate")
 
 
 def test_unknown_model_folder_is_an_error_without_hub_lookup(tmp_path, capsys):
     for name in [tmp_path / "nothere", "./runs/nothere", "runs/nothere/"]:
         code, out, err = run_main(["--model", name], capsys)
-        assert code == 2 and "no such folder" in err and err.count("\n") == 1, err
+        assert code == 2 and "no such folder" in error_line(err, "generate")
     (tmp_path / "empty").mkdir()
     code, out, err = run_main(["--model", tmp_path / "empty"], capsys)
     assert code == 2 and "not a model folder" in err
-    assert not generate.looks_like_path("gpt2") and not generate.looks_like_path("roneneldan/TinyStories-33M")
+    assert not generation.looks_like_path("gpt2") and not generation.looks_like_path("roneneldan/TinyStories-33M")
 
 
 def test_unknown_option_is_named_with_a_close_match(model_dir, capsys):
     code, out, err = run_main(["--model", model_dir, "--temprature", "0.5"], capsys)
-    assert code == 2 and err == "tsg.generate: error: unknown option --temprature (did you mean --temperature?)\n"
+    assert code == 2 and err == ("tsg generate: error: command line: unknown key 'temprature' "
+                                 "(did you mean 'temperature'?)\n")
     code, out, err = run_main(["--help"], capsys)
     assert code == 0 and "--banned_words" in out and "-rnd" in out
 
@@ -372,7 +372,7 @@ def test_unknown_config_key_is_named_with_a_close_match(model_dir, tmp_path, cap
     assert "unknown key 'temprature' (did you mean 'temperature'?)" in err
     config.write_text(json.dumps({"model": str(model_dir), "top_k": "many"}))
     code, out, err = run_main(["--config", config], capsys)
-    assert code == 2 and "top_k: expected an integer, got 'many'" in err
+    assert code == 2 and "top_k: invalid int value: 'many'" in error_line(err, "generate")
     config = tmp_path / "gen.yaml"
     config.write_text(f"model: {model_dir}\n4: layers\n")  # YAML reads the key as a number
     code, out, err = run_main(["--config", config], capsys)
@@ -384,18 +384,22 @@ def test_adapter_run_loads_the_merged_model(model_dir, tmp_path, monkeypatch):
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
     calls = []
-    fake = types.ModuleType("tsg.merge")
-    fake.MergeError = type("MergeError", (RuntimeError,), {})
-    fake.merged_model_dir = lambda run_dir: calls.append(run_dir) or model_dir
-    monkeypatch.setitem(sys.modules, "tsg.merge", fake)
+    monkeypatch.setattr(generation.adapter, "merged_model_dir",
+                        lambda run_dir, base=None: calls.append((run_dir, base)) or model_dir)
     model, tokenizer = load_model(str(run), device="cpu")
-    assert calls == [run] and model.config.n_embd == 64
+    assert calls == [(run, None)] and model.config.n_embd == 64
+    load_model(str(run), device="cpu", base_model="gpt2")
+    assert calls[-1] == (run, "gpt2")  # the seed's model_name: the base to merge into
+    with pytest.raises(UserError, match="use_peft is false, but the folder holds adapter_config.json"):
+        load_model(str(run), device="cpu", use_peft=False)
+    with pytest.raises(UserError, match="use_peft is true, but the folder holds no adapter_config.json"):
+        load_model(str(model_dir), device="cpu", use_peft=True)
 
-    def refuse(run_dir):
-        raise fake.MergeError("the merged logits differ from the adapter's")
+    def refuse(run_dir, base=None):
+        raise UserError(f"{run_dir}: merged logits differ from the adapter's by 1 > 0.001; nothing written")
 
-    fake.merged_model_dir = refuse
-    with pytest.raises(GenerateError, match="could not be merged .the merged logits differ"):
+    monkeypatch.setattr(generation.adapter, "merged_model_dir", refuse)
+    with pytest.raises(UserError, match="merged logits differ"):
         load_model(str(run), device="cpu")
 
 

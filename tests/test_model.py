@@ -10,7 +10,7 @@ from conftest import SEP, VOCAB, tiny_args
 from transformers import AutoTokenizer
 
 from tsg import data, model as models
-from tsg.config import ConfigError
+from tsg.files import UserError
 
 NEO = {"attention_types": [[["global", "local"], 1]], "window_size": 8}
 
@@ -71,9 +71,9 @@ def test_build_config_overrides(tokenizer):
 
 
 def test_build_config_errors(tokenizer):
-    with pytest.raises(ConfigError, match="not_an_arch"):
+    with pytest.raises(UserError, match="not_an_arch"):
         models.build_config(tiny_args(model_type="not_an_arch"), tokenizer)
-    with pytest.raises(ConfigError, match="config_overrides.*'n_bogus'"):
+    with pytest.raises(UserError, match="config_overrides.*'n_bogus'"):
         models.build_config(tiny_args(config_overrides={"n_bogus": 3}), tokenizer)
 
 
@@ -82,7 +82,7 @@ def test_build_config_errors(tokenizer):
     dict(config_overrides={"n_inner": "big"}),  # wrong type for a config field
 ], ids=["gpt_neo-layers", "wrong-type"])
 def test_invalid_model_config_is_a_config_error(tokenizer, overrides):
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         models.build_config(tiny_args(**overrides), tokenizer)
 
 
@@ -109,7 +109,7 @@ def test_load_model_from_scratch(tokenizer, tiny_model):
     assert model.config._attn_implementation == "eager"
     assert model.get_input_embeddings().num_embeddings == VOCAB
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
-    trainable, total = models.count_parameters(model)
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     assert trainable == total and 20_000 < total < 100_000
     assert tiny_model(tokenizer).config._attn_implementation == models.STORY_ATTENTION  # isolated packing, sdpa
 
@@ -124,7 +124,7 @@ def test_fine_tune_path_loads_local_folder_and_checks_context(tokenizer, tiny_mo
     model = models.load_model(args, tok)
     ids = torch.tensor([[5, 6, 7]])
     assert torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
-    with pytest.raises(ConfigError, match="block_size=64.*32"):
+    with pytest.raises(UserError, match="block_size=64.*32"):
         models.load_model(tiny_args(model_type=None, num_hidden_layers=None, hidden_size=None,
                                     num_attention_heads=None, model_name_or_path=str(tmp_path / "base"),
                                     block_size=64), tok)
@@ -142,9 +142,9 @@ def test_fine_tune_grows_embeddings_for_a_bigger_tokenizer(tokenizer, tiny_model
 def test_missing_model_or_tokenizer_is_a_config_error(tmp_path):
     args = tiny_args(model_type=None, num_hidden_layers=None, hidden_size=None, num_attention_heads=None,
                      model_name_or_path=str(tmp_path / "no-such-model"))
-    with pytest.raises(ConfigError, match="model_name_or_path"):
+    with pytest.raises(UserError, match="model_name_or_path"):
         models.load_tokenizer(args)
-    with pytest.raises(ConfigError, match="no-such-model"):
+    with pytest.raises(UserError, match="no-such-model"):
         models.load_model(args, None)
 
 

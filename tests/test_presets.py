@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tsg import model as models
 from tsg import train
-from tsg.config import parse_args, read_config_file
+from tsg.config import parse_args, load_file
 
 GPT_NEO_VOCAB = 50257  # the GPT-2 BPE that the GPT-Neo tokenizer (EleutherAI/gpt-neo-125M) is
 END_OF_TEXT = 50256
@@ -131,7 +131,7 @@ def test_preset_recipe_and_comments(name):
 
 def test_presets_read_as_flat_configs():
     for path in PRESETS.values():
-        values = read_config_file(path)
+        values = load_file(path)
         assert "model_type" in values and not any(key.startswith("//") for key in values)
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO, python_env, tiny_cli
-from tsg import train
+from tsg import train, trainer as training
+from tsg.files import UserError
 
 RUN = dict(max_steps=16, save_steps=4, logging_steps=1, learning_rate=3e-3, seed=3)
 
@@ -21,19 +22,19 @@ RUN = dict(max_steps=16, save_steps=4, logging_steps=1, learning_rate=3e-3, seed
 KILLER = """
 import os, signal, sys
 from transformers import TrainerCallback
-from tsg import train
+from tsg import train, trainer as training
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 10:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
-build = train.build_trainer
+build = training.build_trainer
 def build_and_arm(*a, **k):
     trainer = build(*a, **k)
     trainer.add_callback(Kill())
     return trainer
-train.build_trainer = build_and_arm
+training.build_trainer = build_and_arm
 train.main(sys.argv[1:])
 """
 
@@ -73,12 +74,12 @@ def test_resume_true_skips_a_checkpoint_cut_short(tmp_path, small_txt):
     broken = out / "checkpoint-6"
     shutil.copytree(out / "checkpoint-4", broken)
     (broken / "trainer_state.json").write_text('{"global_step": 6, "log_hist')  # half-written
-    assert train.last_complete_checkpoint(out) == str(out / "checkpoint-4")
-    assert train.resolve_resume(_args(out, "true"), overwrite=False) == str(out / "checkpoint-4")
-    with pytest.raises(train.ConfigError, match="not a complete checkpoint"):
-        train.resolve_resume(_args(out, str(broken)), overwrite=False)
+    assert training.last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert training.resolve_resume(_args(out, "true"), overwrite=False) == str(out / "checkpoint-4")
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        training.resolve_resume(_args(out, str(broken)), overwrite=False)
     kept = shutil.copytree(out / "checkpoint-4", tmp_path / "kept-for-later")  # a complete checkpoint, renamed
-    assert train.resolve_resume(_args(out, str(kept)), overwrite=False) == str(kept)
+    assert training.resolve_resume(_args(out, str(kept)), overwrite=False) == str(kept)
 
 
 def _args(output_dir, resume):
@@ -88,7 +89,7 @@ def _args(output_dir, resume):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, small_txt, monkeypatch, capsys):
-    compute_loss = train.StoryTrainer.compute_loss
+    compute_loss = training.StoryTrainer.compute_loss
 
     def poisoned(self, model, inputs, *args, **kwargs):
         loss = compute_loss(self, model, inputs, *args, **kwargs)
@@ -96,16 +97,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sma
             loss = loss * torch.tensor(float("nan"))
         return loss
 
-    monkeypatch.setattr(train.StoryTrainer, "compute_loss", poisoned)
+    monkeypatch.setattr(training.StoryTrainer, "compute_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_cli(small_txt, out, max_steps=10, save_steps=2))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("tsg: error: the training loss is nan at step 6")
+    assert err.startswith("tsg train: error: the training loss is nan at step 6")
     assert str(out / "checkpoint-4") in err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert train.is_complete_checkpoint(out / "checkpoint-4")
+    assert training.is_complete_checkpoint(out / "checkpoint-4")
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-4" / "model.safetensors").values())

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, VOCAB, accelerate_launch_cmd, python_env, tiny_cli
+from conftest import REPO, VOCAB, accelerate_launch_cmd, error_line, python_env, tiny_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsg import train
@@ -151,7 +151,7 @@ def test_rerun_into_checkpoints_is_refused_unless_overwrite(tmp_path, small_txt,
 
     assert run_main(tiny_cli(small_txt, out, max_steps=2, save_steps=2)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("tsg: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("tsg train: error:")
     assert str(out) in err and "--resume_from_checkpoint true" in err and "--overwrite_output_dir true" in err
     assert (out / "run_config.json").read_text() == record  # nothing was touched
     assert (out / "checkpoint-3").is_dir()
@@ -176,7 +176,7 @@ def test_evaluation_without_validation_stories_is_refused_before_training(tmp_pa
     argv = tiny_cli(small_txt, tmp_path / "out", validation_split_percentage=0, eval_strategy="steps", eval_steps=1)
     assert run_main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tsg: error: eval_strategy='steps' needs validation stories") and len(err.splitlines()) == 1
+    assert err.startswith("tsg train: error: eval_strategy='steps' needs validation stories") and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "run_config.json").exists()
 
 
@@ -186,14 +186,14 @@ def test_evaluation_without_validation_stories_is_refused_before_training(tmp_pa
 def test_config_error_exits_2_with_one_line(tmp_path, small_txt, capsys):
     assert run_main(tiny_cli(small_txt, tmp_path / "out", "--learnin_rate", "1")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [err] and err.startswith("tsg: error:") and "learning_rate" in err
+    assert err.splitlines() == [err] and err.startswith("tsg train: error:") and "learning_rate" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_data_error_exits_2(tmp_path, capsys):
     assert run_main(tiny_cli(tmp_path / "missing.txt", tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tsg: error:") and "missing.txt" in err and len(err.splitlines()) == 1
+    assert err.startswith("tsg train: error:") and "missing.txt" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra", [["--attn_implementation", "bogus"],
@@ -202,7 +202,7 @@ def test_data_error_exits_2(tmp_path, capsys):
                          ids=["unknown-kernel", "gpt_neo-sdpa"])
 def test_unusable_attn_implementation_exits_2(tmp_path, small_txt, capsys, extra):
     assert run_main(tiny_cli(small_txt, tmp_path / "out", *extra, max_steps=1)) == 2
-    assert capsys.readouterr().err.strip().startswith("tsg: error:")
+    assert error_line(capsys.readouterr().err, "train")
 
 
 # --- other packings train too ---
@@ -237,8 +237,8 @@ def test_printed_plan_matches_the_run(tmp_path, capsys, accumulation):
                              validation_split_percentage=0, per_device_train_batch_size=2,
                              gradient_accumulation_steps=accumulation, vocab_size=300))
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "tsg: train: 9 stories, " in printed and "9 blocks of 64 (pad packing)" in printed
+    printed = capsys.readouterr().err
+    assert "tsg train: train split: 9 stories, " in printed and "9 blocks of 64 (pad packing)" in printed
     assert f"= 2 rows x {accumulation} accumulation x 1 processes x 64 tokens = {2 * accumulation * 64:,}" in printed
     import re
 
@@ -289,7 +289,7 @@ def test_accelerate_launch_script(tmp_path, small_txt):
         "--max_train_samples", "40"]
     result = subprocess.run(cmd, cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "tsg: saved the model and tokenizer" in result.stdout
+    assert "tsg train: saved the model and tokenizer" in result.stderr
     assert not (tmp_path / "elsewhere").exists()  # the CLI output_dir overrode the file's
     check_loads(out)
     assert state(out)["global_step"] == 2
@@ -303,7 +303,7 @@ def _bad_key_run(cmd, tmp_path):
 def test_bad_key_in_subprocess_exits_2_with_one_line(tmp_path):
     result = _bad_key_run([sys.executable, "-m", "tsg.train"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "tsg: error: command line: unknown key 'learnin_rate' " \
+    assert result.stderr.strip() == "tsg train: error: command line: unknown key 'learnin_rate' " \
                                     "(did you mean 'learning_rate'?)"
     assert not (tmp_path / "runs").exists()
 
@@ -311,7 +311,7 @@ def test_bad_key_in_subprocess_exits_2_with_one_line(tmp_path):
 def test_bad_key_in_script_form_exits_2_with_one_line(tmp_path):
     result = _bad_key_run([sys.executable, str(REPO / "tsg" / "train.py")], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("tsg: error: command line: unknown key 'learnin_rate'")
+    assert result.stderr.strip().splitlines()[-1].startswith("tsg train: error: command line: unknown key 'learnin_rate'")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 

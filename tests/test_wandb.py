@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import tiny_cli
 
-from tsg import train
+from tsg import train, trainer as training
 from tsg.callbacks import DEFAULT_SAMPLE_PROMPTS, SAMPLE_COLUMNS, SAMPLES_KEY, SampleStoriesCallback
 
 STEPS, SAMPLE_STEPS, ROWS_PER_STEP, BLOCK = 4, 2, 4, 64  # tiny_cli: 4 rows of 64 tokens per optimizer step
@@ -200,7 +200,7 @@ def test_samples_table_is_logged_every_sample_steps_and_cumulative(offline_run):
         for _, prompt, story in table["data"]:
             assert story.startswith(prompt) and len(story) > len(prompt)
     assert tables[1]["data"][:len(prompts)] == tables[0]["data"]  # the step-2 rows again, unchanged
-    # the generation scores of tsg.evaluate's story_scores metric, over the stories of that step
+    # the generation scores of tsg.scoring's story_scores metric, over the stories of that step
     for row in rows:
         assert 0 <= row[f"{SAMPLES_KEY}/eos_rate"] <= 1 and 0 < row[f"{SAMPLES_KEY}/mean_length"] <= 8
         assert 0 < row[f"{SAMPLES_KEY}/distinct_1"] <= 1
@@ -208,13 +208,14 @@ def test_samples_table_is_logged_every_sample_steps_and_cumulative(offline_run):
 
 def test_offline_hint_without_api_key(offline_run, capsys, tmp_path):
     """Without a key (nor WANDB_MODE), tsg goes offline and prints the `wandb sync` command for output_dir."""
-    from tsg.config import parse_args
+    from tsg.config import log_to_stderr, parse_args
 
     with wandb_environment(tmp_path):
         _, training_args = parse_args(run_args("stories.txt", offline_run.output_dir))
-        train.setup_wandb(training_args, "out")
+        log_to_stderr("train")
+        training.setup_wandb(training_args, "out")
         mode, wandb_dir = os.environ.get("WANDB_MODE"), os.environ.get("WANDB_DIR")
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert mode == "offline"
     assert wandb_dir == str(offline_run.output_dir)
     pattern = f"{offline_run.output_dir}/wandb/offline-run-*"
@@ -223,14 +224,15 @@ def test_offline_hint_without_api_key(offline_run, capsys, tmp_path):
 
 
 def test_no_hint_with_api_key(capsys, tmp_path):
-    from tsg.config import parse_args
+    from tsg.config import log_to_stderr, parse_args
 
     with wandb_environment(tmp_path, WANDB_API_KEY="0" * 40):
         _, training_args = parse_args(run_args("stories.txt", tmp_path / "out"))
-        train.setup_wandb(training_args, "out")
+        log_to_stderr("train")
+        training.setup_wandb(training_args, "out")
         mode = os.environ.get("WANDB_MODE")
     assert mode is None
-    assert "wandb sync" not in capsys.readouterr().out
+    assert "wandb sync" not in capsys.readouterr().err
 
 
 # --- the story callback on its own ---
@@ -245,7 +247,7 @@ def _tell_and_check(callback, model):
     expected = _random_draws()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     model.train()
-    stories = [told.story for told in callback.tell(model)]
+    stories = callback.tell(model)
     assert model.training, "the model must be back in train mode"
     assert _random_draws() == expected, "telling stories must leave the random generators as they were"
     assert [s.prompt for s in stories] == list(DEFAULT_SAMPLE_PROMPTS)

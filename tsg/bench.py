@@ -2,9 +2,9 @@
 model, same data, same machine), written as raw figures and ratios.
 
     make bench                                         # DATA=stories.txt (default: the TinyStories sample)
-    python -m tsg.bench --data ../shared/data/tinystories/train.txt --output bench-results.json
-    python -m tsg.bench --only generation              # one section (the hardware section always runs)
-    python -m tsg.bench --tiny                         # every section on tiny sizes, in seconds (the tests run it)
+    tsg bench --data stories.txt --output bench-results.json
+    tsg bench --only generation                        # one section (the hardware section always runs)
+    tsg bench --tiny                                   # every section on tiny sizes, in seconds (the tests run it)
 
 Sections:
   hardware    CPU model, cores, torch threads, GPU name, and the measured matmul peak (fp32 on a CPU, bf16 on a GPU)
@@ -30,7 +30,6 @@ best run, so that a burst of load from other processes does not decide a ratio. 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -46,13 +45,15 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import cycle, islice
 from pathlib import Path
+from typing import Literal, Optional
 
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
-from tsg import __version__, data, generate, model as models  # isort: skip
-from tsg.config import StoryArguments, parse_args  # isort: skip
-from tsg.evaluate import DEFAULT_PROMPTS  # isort: skip
+from tsg import __version__, data, generation, model as models  # isort: skip
+from tsg.config import Command, StoryArguments, parse_args, run as run_command  # isort: skip
+from tsg.files import existing_file, read_lines, write_text  # isort: skip
 from tsg.model import build_config, context_length  # isort: skip
-from tsg.train import build_trainer  # isort: skip
+from tsg.scoring import DEFAULT_PROMPTS  # isort: skip
+from tsg.trainer import build_trainer  # isort: skip
 import datasets
 import numpy as np
 import psutil
@@ -305,7 +306,7 @@ def measure_packing(work: Path, data_file: str, tokenizer_dir: Path, sizes: Size
             runs[mode].append(train_throughput(trainers[mode], sizes))
             say(f"packing {mode:<11}: {runs[mode][-1]['real_tokens_per_s']:,.0f} real tokens/s")
     found = {"block_size": sizes.packing_block, "batch_size": sizes.packing_batch,
-             "parameters": models.count_parameters(trainers["isolated"].model)[1]}
+             "parameters": trainers["isolated"].model.num_parameters()}
     for mode in PACKING_MODES:
         found[mode] = {**best(runs[mode], "real_tokens_per_s"), "pad_share": epoch_pad_share(trainers[mode])}
         say(f"packing {mode:<11}: pad share {found[mode]['pad_share']:.2%}")
@@ -468,13 +469,13 @@ def build_llama(tokenizer, shape: dict, folder: Path) -> Path:
 
 def prompts(n: int) -> list[str]:
     """`n` story openings: the evaluation's default prompts, cycled."""
-    return list(islice(cycle(generate.read_lines(str(DEFAULT_PROMPTS), "prompts")), n))
+    return list(islice(cycle(read_lines(DEFAULT_PROMPTS, "prompts")), n))
 
 
 def time_stories(model, tokenizer, texts: list[str], **settings) -> dict:
-    """Tokens/s of tsg.generate.tell_stories (new tokens, end-of-story token included)."""
+    """Tokens/s of tsg.generation.tell_stories (new tokens, end-of-story token included)."""
     start = time.perf_counter()
-    stories = generate.tell_stories(model, tokenizer, texts, **settings)
+    stories = generation.tell_stories(model, tokenizer, texts, **settings)
     seconds = time.perf_counter() - start
     tokens = sum(story.tokens for story in stories)
     return {"stories": len(stories), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
@@ -501,17 +502,17 @@ def single_stream(folder: Path, sizes: Sizes, label: str) -> dict:
     """One story, greedy, `single_new_tokens` new tokens: plain generate() on the model as transformers loads it
     against tsg's path (tell_stories: the output layer in its decoding layout on a CPU, and a static KV cache and
     compiled decoding steps when `sizes.compile`), alternated."""
-    model, tokenizer = generate.load_model(str(folder))
+    model, tokenizer = generation.load_model(str(folder))
     text = prompts(1)[0]
     new_tokens = min(sizes.single_new_tokens, context_length(model.config) - len(tokenizer(text)["input_ids"]))
     settings = dict(do_sample=False, max_new_tokens=new_tokens, compile=sizes.compile)
-    generate.tell_stories(model, tokenizer, text, **settings)  # compiles (when asked), allocates
+    generation.tell_stories(model, tokenizer, text, **settings)  # compiles (when asked), allocates
     hf_generate(model, tokenizer, text, new_tokens)
     runs = {"hf_generate": [], "tsg": []}
     for _ in range(max(2, sizes.repeats)):
         runs["hf_generate"].append(hf_generate(model, tokenizer, text, new_tokens))
         runs["tsg"].append(time_stories(model, tokenizer, [text], **settings))
-    found = {"parameters": models.count_parameters(model)[1], "compiled": sizes.compile, "max_new_tokens": new_tokens,
+    found = {"parameters": model.num_parameters(), "compiled": sizes.compile, "max_new_tokens": new_tokens,
              **{name: best(r, "tokens_per_s") for name, r in runs.items()}}
     say(f"single stream {label}: tsg {found['tsg']['tokens_per_s']:.0f} tokens/s, plain generate() "
         f"{found['hf_generate']['tokens_per_s']:.0f} tokens/s")
@@ -525,8 +526,8 @@ def measure_generation(work: Path, tokenizer, tokenizer_dir: Path, sizes: Sizes)
     texts = prompts(32)
     settings = dict(max_new_tokens=sizes.batched_new_tokens, seed=0)
     found = {"model": "tiny_cpu.json, random weights", "new_tokens": sizes.batched_new_tokens, "weights": {}}
-    for quantization in generate.QUANTIZATIONS:
-        model, tok = generate.load_model(str(folder), quantization)
+    for quantization in generation.QUANTIZATIONS:
+        model, tok = generation.load_model(str(folder), quantization)
         if quantization == "none":  # the batched32 / one-by-one ratio: alternated, each one's best run
             runs = {"batched32": [], "one_by_one32": []}
             for _ in range(sizes.repeats):
@@ -574,7 +575,7 @@ def memory_case(model_dir: str, case: str, tokens: int) -> dict:
     ids = torch.randint(0, len(tokenizer), (1, tokens), device=model.device)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    trainable, total = models.count_parameters(model)
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     found = {"load_peak_bytes": loaded - before, "step_peak_bytes": peak_rss_bytes() - before,
              "weights_bytes": model.get_memory_footprint(), "trainable": trainable, "parameters": total}
     if on_gpu:
@@ -612,7 +613,7 @@ def gpu_run(work: Path, data_file: str, tokenizer_dir: Path, sizes: Sizes, folde
                              "--gradient_accumulation_steps", "1", *overrides,
                              config=REPO / "configs" / "xl_qlora.json")
     run = mfu_run(trainer, sizes, peak)
-    found = {"overrides": list(overrides), "parameters": models.count_parameters(trainer.model)[1],
+    found = {"overrides": list(overrides), "parameters": trainer.model.num_parameters(),
              "block_size": trainer.story_args.block_size, "batch_size": trainer.args.per_device_train_batch_size,
              "activation_checkpointing": trainer.args.activation_checkpointing,
              "load_in_4bit": trainer.story_args.load_in_4bit,
@@ -767,16 +768,22 @@ def run_bench(data_file: str, sizes: Sizes, only: str | None, work: Path) -> dic
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tsg.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(data.SAMPLE_FILE), help="story file (default: the embedded sample)")
-    parser.add_argument("--output", default="bench-results.json", help="JSON file of the results")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes: every section in seconds (for the tests)")
-    parser.add_argument("--only", choices=SECTIONS, help="run one section (the hardware section always runs)")
-    options = parser.parse_args(argv)
-    if not Path(options.data).is_file():
-        parser.error(f"--data {options.data}: no such file")
+@dataclass
+class BenchArguments:
+    data: str = field(default=str(data.SAMPLE_FILE), metadata={"help": "Story file (default: the embedded sample)."})
+    output: str = field(default="bench-results.json", metadata={"help": "JSON file of the results."})
+    tiny: bool = field(default=False, metadata={"help": "Tiny sizes: every section in seconds (for the tests)."})
+    only: Optional[Literal[SECTIONS]] = field(default=None, metadata={
+        "help": "Run one section (the hardware section always runs)."})
+
+    def __post_init__(self):
+        existing_file(self.data, "data")
+
+
+BENCH = Command(name="bench", types=(BenchArguments,), description=__doc__.split("\n\n")[0])
+
+
+def bench(options: BenchArguments) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # and in spawned processes
         os.environ[name] = "1"
@@ -786,9 +793,14 @@ def main(argv: list[str] | None = None) -> None:
     sizes = TINY if options.tiny else FULL
     with tempfile.TemporaryDirectory(prefix="tsg-bench-") as work:
         results = run_bench(options.data, sizes, options.only, Path(work))
-    Path(options.output).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text(options.output, json.dumps(results, indent=2, default=str) + "\n")
     print("\n" + table(results) + "\n", flush=True)
     say(f"wrote {options.output} ({results['seconds']:.0f} s)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(BENCH, bench, argv)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from tsg.evaluate import generation_scores, tell_and_count
-from tsg.generate import Settings, prompt_texts
+from tsg.files import UserError
+from tsg.generation import Settings, prompt_texts, tell_stories
 from tsg.model import context_length
+from tsg.scoring import generation_scores
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SampleStoriesCallback(TrainerCallback):
     """Every `every` optimizer steps and at the end of training, one greedy story per prompt, logged to W&B as a
     cumulative table under `samples` (columns step, prompt, story). Only the main process logs.
 
-    `prompts=None` takes DEFAULT_SAMPLE_PROMPTS. `settings` (tsg.generate.Settings) replaces the greedy
+    `prompts=None` takes DEFAULT_SAMPLE_PROMPTS. `settings` (tsg.generation.Settings) replaces the greedy
     decoding; its seed then makes sampled stories repeatable. Works with a plain model, a PeftModel and one
     wrapped for DDP; under FSDP or ZeRO-3 every process generates (the weights are sharded), the main one logs.
     """
@@ -103,12 +104,11 @@ class SampleStoriesCallback(TrainerCallback):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompt_texts(prompts, "")  # no prompts, or an empty one, stop here
         if every < 1:
-            raise ValueError(f"SampleStoriesCallback: every must be a positive number of steps, got {every}")
+            raise UserError(f"sample_steps: every must be a positive number of steps, got {every}")
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.every = every
         self.settings = replace(settings or Settings(do_sample=False), max_new_tokens=max_new_tokens)
-        self.settings.check()
         self.rows: list[list] = []  # every (step, prompt, story) logged so far
         self.last_step: int | None = None  # the step whose stories were told last
         self._warned_no_run = False
@@ -123,7 +123,7 @@ class SampleStoriesCallback(TrainerCallback):
         start = self.settings.start_marker
         longest = max(len(ids) for ids in self.tokenizer(prompt_texts(self.prompts, start))["input_ids"])
         if longest >= context:
-            raise ValueError(f"sample_prompts: a prompt is {longest} tokens long, but the model's context is "
+            raise UserError(f"sample_prompts: a prompt is {longest} tokens long, but the model's context is "
                              f"{context} tokens: shorten it")
         if longest + self.settings.max_new_tokens > context:
             logger.info("sample stories: max_new_tokens %d lowered to %d to fit the model's context of %d tokens",
@@ -141,8 +141,7 @@ class SampleStoriesCallback(TrainerCallback):
     # --- the work ---
 
     def tell(self, model) -> list:
-        """One story per prompt from `model` as it is now (eval mode and no grad while telling; modes restored),
-        as tsg.evaluate's Told records: the story, its continuation, its length and whether it ended."""
+        """One story per prompt from `model` as it is now (eval mode and no grad while telling; modes restored)."""
         from accelerate.utils import extract_model_from_parallel
 
         full_params = contextlib.nullcontext()
@@ -156,7 +155,7 @@ class SampleStoriesCallback(TrainerCallback):
         inner.eval()
         try:
             with _random_state_kept(), full_params, torch.no_grad():
-                return tell_and_count(inner, self.tokenizer, self.prompts, self.settings)
+                return tell_stories(inner, self.tokenizer, self.prompts, self.settings)
         finally:
             inner.train(was_training)
 
@@ -168,7 +167,7 @@ class SampleStoriesCallback(TrainerCallback):
         self.last_step = state.global_step
         if not state.is_world_process_zero:
             return
-        self.rows += [[state.global_step, t.story.prompt, t.story.text] for t in told]
+        self.rows += [[state.global_step, story.prompt, story.text] for story in told]
         run = _active_run()
         if run is None:
             if not self._warned_no_run:

@@ -1,37 +1,344 @@
-"""The run config: tsg's own fields beside `transformers.TrainingArguments`, read from one flat JSON or
-YAML file and overridden from the command line.
+"""Options of every tsg command: typed dataclasses, filled from a config file and the command line.
 
-    python -m tsg.train configs/tiny_cpu.json --learning_rate 1e-3 --max_steps 20
+    tsg train configs/tiny_cpu.json --learning_rate 1e-3 --max_steps 20
+    tsg generate -c generate.toml --temperature 0.7 -q "Once upon a time"
 
-Keys are the Hugging Face names (`model_name_or_path`, `block_size`, `learning_rate`, ...). A key that
-starts with `//` is a comment. An unknown key, a value of the wrong type or an impossible combination
-stops the run before any work with a `ConfigError` naming the key.
+A command's options are the fields of its dataclasses (for `tsg train`, `StoryArguments` below beside
+`transformers.TrainingArguments`), parsed by one `HfArgumentParser`. The config file, given first or with
+`-c`/`--config`, is a JSON, YAML or TOML object of those fields; a key that starts with `//` is a comment. The
+command line overrides the file, the file the defaults. An unknown key (with a "did you mean"), a value of the wrong
+type or an impossible combination stops the command before any work with a `UserError` that names the file or the
+command line and the key.
+
+The seed project tsg grew from has config files of its own (`dataprep.toml`, `model_finetune.toml`,
+`model_inference.toml`): a command reads each of their keys as the tsg field it means (`Command.seed_keys`) and says
+so once, e.g. `seed key 'lora_peft' read as use_peft`.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from tsg.files import UserError, write_text
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 COMMENT_PREFIX = "//"
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml", ".toml")
 DEFAULT_DATASET = "roneneldan/TinyStories"
-# TrainingArguments defaults that tsg changes (a config or the command line still overrides them): every
-# parameter of a causal LM is used, so DDP needs no search for unused ones; count the tokens seen.
-TSG_DEFAULTS = ["--ddp_find_unused_parameters", "false", "--include_num_input_tokens_seen", "true"]
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
+logger = logging.getLogger("tsg")
 
-class ConfigError(ValueError):
-    """A bad config: the message is one line that names the file or key and what is expected."""
+
+class RunError(RuntimeError):
+    """A run that failed after its inputs were checked (a NaN loss): one line, exit code 1."""
+
+
+# --- the seed project's keys ---
+
+
+@dataclass(frozen=True)
+class SeedKey:
+    """A key of the seed project's config files, read as the tsg field it means. `value` turns the seed's value into
+    tsg's (None: the same value; a returned None drops the key, keeping tsg's default)."""
+
+    field: str
+    value: Optional[Callable[[Any], Any]] = None
+
+
+def seed_bool(key: str, if_true, if_false) -> Callable[[Any], Any]:
+    """A SeedKey value map for a seed key that holds true or false."""
+
+    def convert(value):
+        if not isinstance(value, bool):
+            raise UserError(f"seed key {key} = {value!r}: expected true or false")
+        return if_true if value else if_false
+
+    return convert
+
+
+def seed_device_to_use_cpu(value):
+    """model_finetune.toml's `device`: cpu forces the CPU; cuda, gpu or auto let the Trainer take a GPU."""
+    if isinstance(value, str) and re.fullmatch(r"cpu|auto|gpu|mps|cuda(:\d+)?", value.lower()):
+        return value.lower() == "cpu"
+    raise UserError(f"seed key device = {value!r}: expected cpu, cuda, cuda:N, gpu, mps or auto")
+
+
+# --- commands ---
+
+
+@dataclass(frozen=True)
+class Command:
+    """What `parse` needs to know of one tsg command."""
+
+    name: str  # the subcommand: `tsg <name>`
+    types: tuple  # the dataclasses of its options, filled in this order
+    description: str = ""
+    positional: tuple[str, ...] = ()  # fields that the words before the first option fill, in order
+    seed_keys: Mapping[str, SeedKey] = field(default_factory=dict)
+    sections: tuple[str, ...] = ()  # tables of the file whose keys count as top-level keys (the seed's [hyper-parameters])
+    flags: Mapping[str, tuple[str, Any, str]] = field(default_factory=dict)  # "--greedy": (field, value, help)
+    defaults: Optional[Callable[[Optional[str]], list[str]]] = None  # config path -> words before the file's
+    adjust: Optional[Callable[[argparse.Namespace], list[str]]] = None  # parsed values -> words that override them
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default, and the description's lines as written."""
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are exceptions, not a usage screen and an exit."""
+
+    def error(self, message):
+        match = re.fullmatch(r"argument (?:-\w+, )?--([\w-]+)(?:/\S+)?: (.*)", message, flags=re.S)
+        raise UserError(f"{match.group(1).replace('-', '_')}: {match.group(2)}" if match else message)
+
+
+def build_parser(command: Command) -> _Parser:
+    usage = " ".join(["tsg", command.name, *(name.upper() for name in command.positional), "[CONFIG]",
+                      "[--key value ...]"])
+    parser = _Parser(command.types, prog=f"tsg {command.name}", usage=usage, description=command.description,
+                     allow_abbrev=False, formatter_class=_HelpFormatter,
+                     epilog="CONFIG: a JSON, YAML or TOML file of these options (keys without dashes; `//` keys are "
+                     "comments), given first or with -c/--config; the command line overrides it.")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default=argparse.SUPPRESS,
+                        help="the config file (JSON, YAML or TOML)")
+    for flag, (name, value, help_text) in command.flags.items():
+        parser.add_argument(flag, dest=name, action="store_const", const=value, default=argparse.SUPPRESS,
+                            help=help_text)
+    return parser
+
+
+def field_names(command: Command) -> dict[str, Any]:
+    return {f.name: f for cls in command.types for f in fields(cls) if f.init}
+
+
+def _unknown_key(key: str, source: str, candidates) -> UserError:
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return UserError(f"{source}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+
+
+# --- the config file ---
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """The object in a JSON, YAML or TOML file, with `//` comment keys left out. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (expected JSON, YAML or TOML)") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text)
+            values = {} if values is None else values
+        elif suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: malformed TOML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected one object of keys and values, got {type(values).__name__}")
+    return {k: v for k, v in values.items() if not (isinstance(k, str) and k.startswith(COMMENT_PREFIX))}
+
+
+def file_values(command: Command, path: str) -> dict:
+    """The config file's values as the command's fields: sections flattened, seed keys read as the fields they
+    mean (each said once), unknown keys an error."""
+    known = field_names(command)
+    values = {}
+    for key, value in load_file(path).items():
+        if key in command.sections and isinstance(value, dict):
+            items = [(k, v) for k, v in value.items() if not str(k).startswith(COMMENT_PREFIX)]
+        else:
+            items = [(key, value)]
+        for name, item in items:
+            name = str(name)  # YAML reads `4:` or `on:` as a number or a boolean
+            if name in command.seed_keys and name not in known:
+                name, item = _read_seed_key(command.seed_keys[name], name, item, path)
+                if item is None:
+                    continue
+            elif f"--{name}" in command.flags and name not in known:  # `greedy: true` as the flag --greedy
+                if not isinstance(item, bool):
+                    raise UserError(f"{path}: {name}: expected true or false, got {item!r}")
+                if not item:
+                    continue
+                name, item = command.flags[f"--{name}"][:2]
+            if name not in known:
+                raise _unknown_key(name, path, [*known, *command.seed_keys, *(f[2:] for f in command.flags)])
+            values[name] = item
+    return values
+
+
+def _read_seed_key(seed: SeedKey, key: str, value, path: str) -> tuple[str, Any]:
+    try:
+        converted = seed.value(value) if seed.value else value
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    said = f" = {converted!r}" if seed.value and converted is not None and converted != value else ""
+    logger.info("note: seed key '%s' read as %s%s", key, seed.field, said)
+    return seed.field, converted
+
+
+def to_words(values: dict, source: str) -> list[str]:
+    """Config values as command-line words, so that one parser types and checks both sources."""
+    words = []
+    for key, value in values.items():
+        if value is None:  # null: keep the default
+            continue
+        if isinstance(value, list):
+            if any(isinstance(v, (list, dict)) for v in value):
+                raise UserError(f"{source}: {key}: expected a list of plain values, got {value!r}")
+            words += [f"--{key}", *map(str, value)] if value else []
+        elif isinstance(value, dict):
+            words += [f"--{key}", json.dumps(value)]
+        else:
+            words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return words
+
+
+# --- the command line ---
+
+
+def split_command_line(command: Command, argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """(the config file, the option words): the file is -c/--config's value or the first word when it names a
+    .json/.yaml/.yml/.toml file; the other words before the first option fill `command.positional`."""
+    argv, config = list(argv), None
+    for i, word in enumerate(argv):
+        if word in ("-c", "--config") and i + 1 < len(argv):
+            config = argv[i + 1]
+            del argv[i:i + 2]
+            break
+        if word.startswith("--config="):
+            config = word.split("=", 1)[1]
+            del argv[i]
+            break
+    leading = []
+    while argv and not argv[0].startswith("-"):
+        leading.append(argv.pop(0))
+    if leading and config is None and Path(leading[0]).suffix.lower() in CONFIG_SUFFIXES:
+        config = leading.pop(0)
+    if len(leading) > len(command.positional):
+        extra = leading[len(command.positional)]
+        what = ("a second config file" if Path(extra).suffix.lower() in CONFIG_SUFFIXES else "an unexpected word")
+        hint = f" (options take two dashes: --{extra})" if extra in field_names(command) else ""
+        raise UserError(f"command line: {what} '{extra}'{hint}")
+    positional = [w for name, value in zip(command.positional, leading) for w in (f"--{name}", value)]
+    return config, positional + argv
+
+
+def check_option_words(command: Command, words: list[str]) -> None:
+    """Every option word names a field (or its `no_` form, an alias or a flag); values are not checked here."""
+    known = field_names(command)
+    names = set(known) | {f"no_{n}" for n, f in known.items() if f.type in (bool, "bool")} | {"help"}
+    aliases = {a for f in known.values() for a in f.metadata.get("aliases", [])} | {"-h"}
+    for word in words:
+        if word.startswith("--"):
+            key = word[2:].split("=", 1)[0].replace("-", "_")
+            if key not in names and word.split("=", 1)[0] not in command.flags:
+                raise _unknown_key(key, "command line", known)
+        elif word.startswith("-") and word not in aliases and not _is_number(word) and word != "-":
+            raise UserError(f"command line: options take two dashes and a key, got '{word}'")
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return False
+
+
+def parse(command: Command, argv: list[str]) -> tuple:
+    """The command's dataclasses from `[CONFIG] [POSITIONAL ...] [--key value ...]` (see the module doc)."""
+    config, cli = split_command_line(command, argv)
+    source = config or "command line"
+    file_words = to_words(file_values(command, config), config) if config else []
+    check_option_words(command, cli)
+    parser = build_parser(command)
+    try:  # the file on its own first, so that its errors name the file
+        parser.parse_known_args(file_words)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    words = (command.defaults(config) if command.defaults else []) + file_words + cli
+    try:
+        if command.adjust:
+            words += command.adjust(parser.parse_known_args(words)[0])
+        return parser.parse_args_into_dataclasses(args=words)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    except ValueError as e:  # a dataclass's own check (TrainingArguments.__post_init__) refuses a combination
+        raise UserError(f"{source}: {' '.join(str(e).split())}") from None
+
+
+# --- running a command ---
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to sys.stderr as it is at each message, not as it was when the handler was made
+    (a caller may redirect it: a test's capture, a wrapping tool)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stderr(command_name: str) -> None:
+    """tsg's messages (`logging.getLogger("tsg")` and its children) as `tsg <cmd>: ...` lines on stderr, from the
+    main process only (RANK 0 or unset) until the run sets its own level."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(f"tsg {command_name}: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
+def run(command: Command, function: Callable, argv: Optional[list[str]] = None):
+    """Parse `argv` (default: sys.argv[1:]) into the command's options and call `function(*options)`. Bad input is
+    one line `tsg <cmd>: error: ...` and exit code 2; a failed run (RunError) one line and exit code 1."""
+    log_to_stderr(command.name)
+    try:
+        return function(*parse(command, sys.argv[1:] if argv is None else list(argv)))
+    except UserError as e:
+        print(f"tsg {command.name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except RunError as e:
+        print(f"tsg {command.name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+# --- tsg train: the run config ---
 
 
 @dataclass
@@ -100,7 +407,7 @@ class StoryArguments:
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many held-out stories."})
 
     # --- tokenize and pack ---
-    block_size: int = field(default=512, metadata={"help": "Tokens per training row."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training row (-1: the model's context)."})
     packing: Literal["isolated", "concat", "pad"] = field(
         default="isolated",
         metadata={
@@ -132,70 +439,73 @@ class StoryArguments:
             try:
                 self.config_overrides = json.loads(self.config_overrides)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"config_overrides: expected a JSON object, got {self.config_overrides!r} ({e})")
+                raise UserError(f"config_overrides: expected a JSON object, got {self.config_overrides!r} ({e})")
         if self.config_overrides is not None and not isinstance(self.config_overrides, dict):
-            raise ConfigError(f"config_overrides: expected a JSON object, got {self.config_overrides!r}")
-        architecture = [
-            name
-            for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                         "config_overrides")
-            if getattr(self, name) is not None
-        ]
+            raise UserError(f"config_overrides: expected a JSON object, got {self.config_overrides!r}")
+        self._check_model()
+        self._check_numbers()
+        self._check_adapters()
+        self._check_data()
+
+    def _check_model(self) -> None:
+        architecture = [name for name in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                          "max_position_embeddings", "config_overrides") if getattr(self, name) is not None]
         if self.model_name_or_path and self.model_type:
-            raise ConfigError(
-                "model_name_or_path and model_type are both set: give model_name_or_path to fine-tune "
-                "or model_type to train from scratch"
-            )
+            raise UserError("model_name_or_path and model_type are both set: give model_name_or_path to fine-tune "
+                            "or model_type to train from scratch")
         if not self.model_name_or_path and not self.model_type:
-            raise ConfigError("neither model_name_or_path (to fine-tune) nor model_type (to train from scratch) is set")
+            raise UserError("neither model_name_or_path (to fine-tune) nor model_type (to train from scratch) is set")
         if self.model_name_or_path and architecture:
-            raise ConfigError(
-                f"{architecture[0]} shapes a model trained from scratch (model_type); "
-                f"it cannot change the pretrained model_name_or_path={self.model_name_or_path!r}"
-            )
+            raise UserError(f"{architecture[0]} shapes a model trained from scratch (model_type); "
+                            f"it cannot change the pretrained model_name_or_path={self.model_name_or_path!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                            f"got {self.attn_implementation!r}")
+
+    def _check_numbers(self) -> None:
         for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                     "block_size", "vocab_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+                     "vocab_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers", "lora_r",
+                     "lora_alpha", "sample_max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, got {value}")
+                raise UserError(f"{name}: expected a positive integer, got {value}")
+        if self.block_size <= 0 and self.block_size != -1:
+            raise UserError(f"block_size: expected a positive integer, or -1 for the model's context, "
+                            f"got {self.block_size}")
         if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
+            raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
+                            f"num_attention_heads={self.num_attention_heads}")
         if self.max_position_embeddings is not None and self.max_position_embeddings < self.block_size:
-            raise ConfigError(
-                f"block_size={self.block_size} is longer than max_position_embeddings={self.max_position_embeddings}"
-            )
-        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {self.attn_implementation!r}"
-            )
-        if self.load_in_8bit and self.load_in_4bit:
-            raise ConfigError("load_in_8bit and load_in_4bit are both set: choose one")
-        if self.quantized and not self.use_peft:
-            raise ConfigError(
-                f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'} trains adapters on frozen quantized "
-                "weights: set use_peft true (quantized weights cannot be fine-tuned in full)"
-            )
-        if self.use_peft and self.from_scratch:
-            raise ConfigError("use_peft trains adapters on a pretrained model: set model_name_or_path, not model_type")
-        if self.quantized and self.from_scratch:
-            raise ConfigError("load_in_4bit/load_in_8bit quantize a pretrained model: set model_name_or_path, not model_type")
-        for name in ("lora_r", "lora_alpha"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+            raise UserError(f"block_size={self.block_size} is longer than "
+                            f"max_position_embeddings={self.max_position_embeddings}")
+        if self.from_scratch and self.block_size == -1 and self.max_position_embeddings is None:
+            raise UserError("block_size=-1 (the model's context) needs max_position_embeddings for a model trained "
+                            "from scratch")
         if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
-        if self.sample_steps < 0 or self.sample_max_new_tokens <= 0:
-            raise ConfigError("sample_steps must be >= 0 and sample_max_new_tokens > 0")
+            raise UserError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
+        if self.sample_steps < 0:
+            raise UserError(f"sample_steps: expected 0 (never) or a positive number of steps, got {self.sample_steps}")
         if not 0 <= self.validation_split_percentage < 100:
-            raise ConfigError(
-                f"validation_split_percentage: expected a number in [0, 100), got {self.validation_split_percentage}"
-            )
+            raise UserError(f"validation_split_percentage: expected a number in [0, 100), "
+                            f"got {self.validation_split_percentage}")
+
+    def _check_adapters(self) -> None:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise UserError("load_in_8bit and load_in_4bit are both set: choose one")
+        if self.quantized and not self.use_peft:
+            raise UserError(f"{'load_in_4bit' if self.load_in_4bit else 'load_in_8bit'} trains adapters on frozen "
+                            "quantized weights: set use_peft true (quantized weights cannot be fine-tuned in full)")
+        if self.use_peft and self.from_scratch:
+            raise UserError("use_peft trains adapters on a pretrained model: set model_name_or_path, not model_type")
+        if self.quantized and self.from_scratch:
+            raise UserError("load_in_4bit/load_in_8bit quantize a pretrained model: set model_name_or_path, "
+                            "not model_type")
+
+    def _check_data(self) -> None:
         if self.validation_file and not self.train_file:
-            raise ConfigError("validation_file is set but train_file is not: give both, or neither to use dataset_name")
+            raise UserError("validation_file is set but train_file is not: give both, or neither to use dataset_name")
         if not self.train_file and not self.dataset_name:
-            raise ConfigError("no stories: set train_file (a local file) or dataset_name (a hub data set)")
+            raise UserError("no stories: set train_file (a local file) or dataset_name (a hub data set)")
 
     @property
     def from_scratch(self) -> bool:
@@ -206,140 +516,50 @@ class StoryArguments:
         return self.load_in_8bit or self.load_in_4bit
 
 
-class _ArgumentError(ConfigError):
-    """A value the parser could not read (wrong type, bad choice)."""
+def _train_defaults(config: Optional[str]) -> list[str]:
+    """TrainingArguments defaults that tsg changes (the file or the command line still override them): every
+    parameter of a causal LM is used, so DDP needs no search for unused ones; count the tokens seen; and the
+    output folder runs/<config name>."""
+    name = Path(config).stem if config else "tsg"
+    return ["--ddp_find_unused_parameters", "false", "--include_num_input_tokens_seen", "true",
+            "--output_dir", str(Path("runs") / name)]
 
 
-class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are exceptions instead of a usage screen and exit."""
-
-    def error(self, message):
-        raise _ArgumentError(message)
-
-
-def _field_names() -> dict[str, type]:
-    return {f.name: f for cls in (StoryArguments, TrainingArguments) for f in fields(cls) if f.init}
-
-
-def _unknown_key(key: str, source: str) -> ConfigError:
-    names = list(_field_names())
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{source}: unknown key '{key}'{hint}")
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a flat JSON or YAML config, without its `//` comment keys. Errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected one flat object of keys and values, got {type(values).__name__}")
-    known = _field_names()
-    for key in values:
-        if not isinstance(key, str) or (not key.startswith(COMMENT_PREFIX) and key not in known):
-            raise _unknown_key(str(key), str(path))
-    return {k: v for k, v in values.items() if not k.startswith(COMMENT_PREFIX)}
-
-
-def _to_argv(values: dict, source: str) -> list[str]:
-    """Config values as command-line words, so that one parser types and checks both sources."""
-    argv = []
-    for key, value in values.items():
-        if value is None:  # null: keep the default
-            continue
-        if isinstance(value, list):
-            if not value:
-                continue
-            if any(isinstance(v, (list, dict)) for v in value):
-                raise ConfigError(f"{source}: {key}: expected a list of plain values, got {value!r}")
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
-
-
-def _check_cli_keys(argv: list[str]) -> None:
-    known = _field_names()
-    bools = {f"no_{name}" for name, f in known.items() if f.type in (bool, "bool")}
-    for word in argv:
-        if word.startswith("--"):
-            key = word[2:].split("=", 1)[0].replace("-", "_")
-            if key not in known and key not in bools:
-                raise _unknown_key(key, "command line")
-        elif word.startswith("-") and not _is_number(word) and word != "-":
-            raise ConfigError(f"command line: options take two dashes and a config key, got '{word}'")
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-        return True
-    except ValueError:
-        return False
-
-
-def _has_accelerator() -> bool:
+def _fp32_on_cpu(namespace: argparse.Namespace) -> list[str]:
+    """bf16/fp16 asked for on a run that lands on the CPU: fp32 instead, with a note."""
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    half = [name for name in ("bf16", "fp16") if getattr(namespace, name)]
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if half and (namespace.use_cpu or not accelerator):
+        logger.info("note: %s asked for, but this run is on the CPU: it trains in fp32 (half-precision matmuls are "
+                    "far slower than fp32 on CPUs)", " and ".join(half))
+        return ["--bf16", "false", "--fp16", "false"]
+    return []
 
 
-def _note(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"tsg: note: {message}", file=sys.stderr, flush=True)
+TRAIN = Command(
+    name="train",
+    types=(StoryArguments, TrainingArguments),
+    description="Train a causal LM on stories, or fine-tune one, with the Hugging Face Trainer under Accelerate.",
+    seed_keys={
+        "input_file": SeedKey("train_file"),
+        "lora_peft": SeedKey("use_peft"),
+        "model_folder": SeedKey("output_dir"),
+        "model_name": SeedKey("model_name_or_path"),
+        "max_seq_len": SeedKey("block_size"),
+        "save_per_epoch": SeedKey("save_strategy", seed_bool("save_per_epoch", "epoch", None)),
+        "device": SeedKey("use_cpu", seed_device_to_use_cpu),
+    },
+    defaults=_train_defaults,
+    adjust=_fp32_on_cpu,
+)
 
 
 def parse_args(argv: list[str]) -> tuple[StoryArguments, TrainingArguments]:
-    """`[CONFIG_FILE] [--key value ...]`: the file sets values, the command line overrides them."""
-    config_path = argv[0] if argv and not argv[0].startswith("-") else None
-    cli = argv[1:] if config_path else list(argv)
-    file_values = read_config_file(config_path) if config_path else {}
-    _check_cli_keys(cli)
-    parser = _Parser((StoryArguments, TrainingArguments))
-    source = config_path or "command line"
-    file_argv = _to_argv(file_values, source)
-    try:  # type-check the file on its own first, so that its errors name the file
-        parser.parse_known_args(file_argv)
-    except _ArgumentError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    file_argv = TSG_DEFAULTS + file_argv
-    if not any(w.split("=", 1)[0] in ("--output_dir", "--output-dir") for w in file_argv + cli):
-        name = Path(config_path).stem if config_path else "tsg"
-        file_argv = ["--output_dir", str(Path("runs") / name)] + file_argv
-    argv = file_argv + cli
-    try:
-        namespace, _ = parser.parse_known_args(argv)
-    except _ArgumentError as e:
-        raise ConfigError(f"command line: {e}") from None
-    half = [name for name in ("bf16", "fp16") if getattr(namespace, name)]
-    if half and (namespace.use_cpu or not _has_accelerator()):
-        _note(f"{' and '.join(half)} asked for, but this run is on the CPU: it trains in fp32 "
-              "(half-precision matmuls are far slower than fp32 on CPUs)")
-        argv += ["--bf16", "false", "--fp16", "false"]
-    try:
-        story_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    except _ArgumentError as e:
-        raise ConfigError(f"command line: {e}") from None
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except ValueError as e:  # TrainingArguments.__post_init__ refuses a combination
-        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from None
-    return story_args, training_args
+    """`tsg train`'s options: `[CONFIG_FILE] [--key value ...]`, the file setting values, the command line
+    overriding them."""
+    return parse(TRAIN, argv)
 
 
 def _git_commit() -> str | None:
@@ -364,16 +584,11 @@ def write_run_config(story_args: StoryArguments, training_args: TrainingArgument
 
     from tsg import __version__
 
-    output = Path(training_args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     record = {
         "tsg_version": __version__,
         "git_commit": _git_commit(),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, accelerate, datasets)},
         "config": {**asdict(story_args), **training_args.to_dict()},
     }
-    path = output / "run_config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(Path(training_args.output_dir) / "run_config.json",
+                      json.dumps(record, indent=2, default=str) + "\n")

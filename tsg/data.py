@@ -3,7 +3,7 @@
 Each stage can be run and inspected on its own:
 
     stories = load_stories(args, seed=0)               # DatasetDict of {"text"}, empty stories skipped
-    tokens = tokenize_stories(stories, tokenizer)      # {"input_ids"}: each story ends in EOS
+    tokens = tokenize_stories(stories, tokenizer)      # {"input_ids"}: each story ends in EOS (story_token_ids)
     blocks = pack_dataset(tokens, block_size, "isolated", pad_token_id)
     batch = BlockCollator("sdpa")(list(blocks["train"]))
 
@@ -16,12 +16,17 @@ Packing modes (`packing` in the config):
 - concat: plain concatenation, as run_clm's group_texts: tokens attend across story boundaries.
 - pad: one story per row, padded to `block_size` (longer stories split), as the seed project did.
 
+How a story becomes tokens is defined once, here (`story_text`, `story_token_ids`), for training and for
+evaluation alike: the text stripped and a trailing end-of-story marker removed, tokenized without special tokens,
+then the tokenizer's EOS token appended.
+
 The story's own EOS keeps its label in every mode (in `isolated`, unless a row boundary falls right
 before it): a model must learn to end a story.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,9 +37,12 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
-from tsg.config import ConfigError, StoryArguments
+from tsg.config import StoryArguments
+from tsg.files import UserError, existing_file, one_line
 
-STORY_SEPARATOR = "<|endoftext|>"
+# The end-of-story text: the line between two stories of a TinyStories .txt file, and the special token (BOS, EOS
+# and pad) of the tokenizers tsg trains.
+END_OF_STORY = "<|endoftext|>"
 SAMPLE_FILE = Path(__file__).parent / "sample" / "tinystories_sample.txt"
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 IGNORE_INDEX = -100
@@ -46,13 +54,31 @@ def read_tinystories_txt(path: str) -> Iterator[str]:
     lines: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip() == STORY_SEPARATOR:
+            if line.strip() == END_OF_STORY:
                 yield "".join(lines).strip()
                 lines = []
             else:
                 lines.append(line)
     if "".join(lines).strip():
         yield "".join(lines).strip()
+
+
+def story_text(text: str, eos_token: str) -> str:
+    """The text of a story as it is tokenized: stripped, a trailing end-of-story marker (tsg prepare's) removed."""
+    return text.strip().removesuffix(eos_token).rstrip()
+
+
+def story_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each story's token ids: its story_text tokenized without special tokens (long stories are split later, by
+    packing or scoring windows), then the EOS token."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: stories cannot be told apart")
+    if not texts:
+        return []
+    ids = tokenizer([story_text(t, tokenizer.eos_token) for t in texts], add_special_tokens=False,
+                    verbose=False)["input_ids"]
+    return [story + [eos] for story in ids]
 
 
 def _txt_generator(path: str, stamp: tuple):  # `stamp` (size, mtime) makes the datasets cache see edits
@@ -64,30 +90,30 @@ def load_story_file(path: str, text_column: str = "text") -> Dataset:
     """One local file of stories as a Dataset with one column, `text`."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{path}: no such file of stories")
+        raise UserError(f"{path}: no such file of stories")
     suffix = file.suffix.lower()
     if suffix == ".txt":
         if next(read_tinystories_txt(str(file)), None) is None:
-            raise ConfigError(f"{path}: no stories (the file is empty)")
+            raise UserError(f"{path}: no stories (the file is empty)")
         stat = file.stat()
         return Dataset.from_generator(
             _txt_generator, gen_kwargs={"path": str(file.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)}
         )
     if suffix not in FILE_BUILDERS:
-        raise ConfigError(
-            f"{path}: unknown story file type '{suffix}' (expected .txt with {STORY_SEPARATOR} separators, "
+        raise UserError(
+            f"{path}: unknown story file type '{suffix}' (expected .txt with {END_OF_STORY} separators, "
             ".csv, .json, .jsonl or .parquet)"
         )
     try:
         dataset = load_dataset(FILE_BUILDERS[suffix], data_files=str(file), split="train")
     except Exception as e:  # datasets wraps parser errors in several exception types
-        raise ConfigError(f"{path}: could not be read as {suffix[1:]}: {' '.join(str(e).split())[:300]}") from None
+        raise UserError(f"{path}: could not be read as {suffix[1:]}: {one_line(e)}") from None
     return _text_only(dataset, text_column, str(path))
 
 
 def _text_only(dataset: Dataset, text_column: str, source: str) -> Dataset:
     if text_column not in dataset.column_names:
-        raise ConfigError(
+        raise UserError(
             f"{source}: no '{text_column}' column (columns: {', '.join(dataset.column_names)}); "
             "set text_column to the one that holds the stories"
         )
@@ -102,7 +128,7 @@ def _drop_empty(dataset: Dataset, source: str) -> tuple[Dataset, int]:
         desc="Skipping empty stories",
     )
     if len(kept) == 0:
-        raise ConfigError(f"{source}: no stories (the data set is empty or every story is blank)")
+        raise UserError(f"{source}: no stories (the data set is empty or every story is blank)")
     return kept, len(dataset) - len(kept)
 
 
@@ -117,7 +143,7 @@ def load_stories(args: StoryArguments, seed: int) -> tuple[DatasetDict, dict]:
         train_source = args.dataset_name
         hub = load_dataset(args.dataset_name, args.dataset_config_name)
         if "train" not in hub:
-            raise ConfigError(f"dataset_name={args.dataset_name!r} has no 'train' split (splits: {', '.join(hub)})")
+            raise UserError(f"dataset_name={args.dataset_name!r} has no 'train' split (splits: {', '.join(hub)})")
         splits = {"train": _text_only(hub["train"], args.text_column, args.dataset_name)}
         if "validation" in hub:
             splits["validation"] = _text_only(hub["validation"], args.text_column, args.dataset_name)
@@ -128,7 +154,7 @@ def load_stories(args: StoryArguments, seed: int) -> tuple[DatasetDict, dict]:
         counts["empty_stories_skipped"] += skipped
     if "validation" not in splits and args.validation_split_percentage > 0:
         if len(splits["train"]) < 2:
-            raise ConfigError(f"{train_source}: one story cannot be split into training and validation stories")
+            raise UserError(f"{train_source}: one story cannot be split into training and validation stories")
         parts = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         splits = {"train": parts["train"], "validation": parts["test"]}
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
@@ -138,19 +164,56 @@ def load_stories(args: StoryArguments, seed: int) -> tuple[DatasetDict, dict]:
     return DatasetDict(splits), counts
 
 
+def read_stories(path: str, max_stories: int | None = None, text_column: str = "text") -> tuple[list[str], int]:
+    """(the stories of a story file, blank ones skipped, the first max_stories of them; how many were blank)."""
+    dataset = load_story_file(path, text_column)
+    texts, blank = [], 0
+    for text in dataset["text"]:
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+            if max_stories is not None and len(texts) >= max_stories:
+                break
+        else:
+            blank += 1
+    if not texts:
+        raise UserError(f"{path}: no stories (the file is empty or every story is blank)")
+    return texts, blank
+
+
+def iter_stories(path: str, text_column: str = "text") -> Iterator[str]:
+    """The stories of a story file, streamed (a .txt file is never held in memory whole). A file that cannot be
+    read as stories is an error here, before the first story is asked for."""
+    if Path(existing_file(path, "stories")).suffix.lower() == ".txt":
+        return read_tinystories_txt(path)
+    dataset = load_story_file(path, text_column)
+    return (text for first in range(0, len(dataset), MAP_BATCH_SIZE)
+            for text in dataset[first:first + MAP_BATCH_SIZE]["text"])
+
+
+def split_stories(path: str, ndata: int | None, train_fraction: float, seed: int, start_marker: str,
+                  end_marker: str) -> DatasetDict:
+    """The seed project's data preparation: the first `ndata` stories of a TinyStories .txt file (blank ones
+    skipped), each wrapped in the markers, split at random (seeded) into `train` (train_fraction of them, at least
+    one) and `test` (the rest; no split when none is left)."""
+    existing_file(path, "input_file")
+    stories = (story for story in read_tinystories_txt(path) if story.strip())
+    texts = [f"{start_marker}{story}{end_marker}" for story in itertools.islice(stories, ndata)]
+    if not texts:
+        raise UserError(f"{path}: no stories (expected stories separated by {END_OF_STORY} lines)")
+    dataset = Dataset.from_dict({"text": texts})
+    n_train = max(1, round(len(texts) * train_fraction))
+    if n_train == len(texts):
+        return DatasetDict({"train": dataset.shuffle(seed=seed)})
+    return dataset.train_test_split(train_size=n_train, seed=seed)
+
+
 def tokenize_stories(stories: DatasetDict, tokenizer, num_proc: int | None = None,
                      overwrite_cache: bool = False) -> DatasetDict:
     """Token ids of every story, each ending in the tokenizer's EOS token (batched, cached)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ConfigError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: stories cannot be told apart")
+    story_token_ids(tokenizer, [])  # a tokenizer without EOS stops here, before the map
 
-    marker = tokenizer.eos_token
-
-    def tokenize(batch):  # a story that already ends in the EOS text (tsg.prepare's marker) gets it once
-        texts = [t.strip().removesuffix(marker).rstrip() for t in batch["text"]]
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # long stories are split later
-        return {"input_ids": [story + [eos] for story in ids]}
+    def tokenize(batch):
+        return {"input_ids": story_token_ids(tokenizer, batch["text"])}
 
     return stories.map(
         tokenize, batched=True, num_proc=num_proc, remove_columns=["text"], load_from_cache_file=not overwrite_cache,

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Iterable
-
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from transformers import (
@@ -35,9 +34,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tsg.config import ConfigError, StoryArguments
+from tsg.config import StoryArguments
+from tsg.data import END_OF_STORY
+from tsg.files import UserError, one_line
 
-END_OF_STORY = "<|endoftext|>"
 STORY_ATTENTION = "sdpa_by_story"  # the attention of `isolated` training on a CPU: see story_attention
 
 
@@ -66,7 +66,7 @@ def load_tokenizer(args: StoryArguments) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         key = "tokenizer_name" if args.tokenizer_name else "model_name_or_path"
-        raise ConfigError(f"{key}={name!r}: no tokenizer could be loaded ({' '.join(str(e).split())[:200]})") from None
+        raise UserError(f"{key}={name!r}: no tokenizer could be loaded ({one_line(e, 200)})") from None
     return with_pad_token(tokenizer)
 
 
@@ -79,7 +79,7 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
 def build_config(args: StoryArguments, tokenizer: PreTrainedTokenizerBase):
     """The model config for a from-scratch run: model_type with the config's shape and the tokenizer's ids."""
     if args.model_type not in CONFIG_MAPPING:
-        raise ConfigError(
+        raise UserError(
             f"model_type={args.model_type!r} is not a transformers architecture (e.g. gpt2, gpt_neo, llama)"
         )
     shape = {
@@ -96,7 +96,7 @@ def build_config(args: StoryArguments, tokenizer: PreTrainedTokenizerBase):
         overrides["attention_types"] = [[["global", "local"], n // 2]] if n % 2 == 0 else [[["global"], n]]
     for key in overrides:
         if not hasattr(defaults, key):
-            raise ConfigError(f"config_overrides: {args.model_type} has no config field {key!r}")
+            raise UserError(f"config_overrides: {args.model_type} has no config field {key!r}")
     try:
         config = AutoConfig.for_model(
             args.model_type,
@@ -108,23 +108,34 @@ def build_config(args: StoryArguments, tokenizer: PreTrainedTokenizerBase):
             **overrides,
         )
     except Exception as e:  # transformers' config validation raises several error types
-        raise ConfigError(f"model_type={args.model_type!r}: {' '.join(str(e).split())[:300]}") from None
+        raise UserError(f"model_type={args.model_type!r}: {one_line(e)}") from None
     return config
 
 
-def quantization_config(args: StoryArguments, on_cpu: bool) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for load_in_8bit / load_in_4bit; None for full precision."""
-    if args.load_in_8bit:
+QUANTIZATION_FIELDS = ("load_in_8bit", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+                       "bnb_4bit_compute_dtype")
+
+
+def quantization_config(on_cpu: bool, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                        bnb_4bit_quant_type: str = "nf4", bnb_4bit_use_double_quant: bool = True,
+                        bnb_4bit_compute_dtype: str | None = None) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for 8-bit or 4-bit weights (StoryArguments' field names); None for full precision.
+    The 4-bit matmuls run in bfloat16 on a GPU and float32 on a CPU unless told otherwise."""
+    if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    if args.load_in_4bit:
-        dtype = args.bnb_4bit_compute_dtype or ("float32" if on_cpu else "bfloat16")
+    if load_in_4bit:
+        dtype = bnb_4bit_compute_dtype or ("float32" if on_cpu else "bfloat16")
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+            bnb_4bit_quant_type=bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=getattr(torch, dtype),
         )
     return None
+
+
+def training_quantization(args: StoryArguments, on_cpu: bool) -> BitsAndBytesConfig | None:
+    return quantization_config(on_cpu, **{name: getattr(args, name) for name in QUANTIZATION_FIELDS})
 
 
 def lora_config(args: StoryArguments):
@@ -143,7 +154,7 @@ def lora_config(args: StoryArguments):
 def load_pretrained(args: StoryArguments, on_cpu: bool, process_index: int = 0) -> PreTrainedModel:
     """The model_name_or_path weights, quantized on load when the config asks for it."""
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    quantization = quantization_config(args, on_cpu)
+    quantization = training_quantization(args, on_cpu)
     if quantization is not None:
         # each process loads its own copy on its own device (under DDP, or all copies land on GPU 0)
         kwargs.update(quantization_config=quantization, device_map={"": "cpu" if on_cpu else process_index})
@@ -152,9 +163,9 @@ def load_pretrained(args: StoryArguments, on_cpu: bool, process_index: int = 0) 
     try:
         return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(
+        raise UserError(
             f"model_name_or_path={args.model_name_or_path!r}: no causal LM could be loaded "
-            f"({' '.join(str(e).split())[:200]})"
+            f"({one_line(e, 200)})"
         ) from None
 
 
@@ -173,7 +184,7 @@ def add_adapters(model: PreTrainedModel, args: StoryArguments, activation_checkp
     try:
         model = get_peft_model(model, lora_config(args))
     except ValueError as e:
-        raise ConfigError(f"lora_target_modules: {' '.join(str(e).split())[:300]}") from None
+        raise UserError(f"lora_target_modules: {one_line(e)}") from None
     base = Path(args.model_name_or_path)
     if base.is_dir():
         model.peft_config["default"].base_model_name_or_path = str(base.resolve())
@@ -241,14 +252,14 @@ def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
         try:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
         except (ValueError, ImportError) as e:
-            raise ConfigError(f"attn_implementation={args.attn_implementation!r}: {' '.join(str(e).split())[:300]}") from None
+            raise UserError(f"attn_implementation={args.attn_implementation!r}: {one_line(e)}") from None
     else:
         model = load_pretrained(args, on_cpu, training_args.local_process_index if training_args else 0)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
     context = context_length(model.config)
     if context is not None and args.block_size > context:
-        raise ConfigError(f"block_size={args.block_size} is longer than the model's context of {context} tokens")
+        raise UserError(f"block_size={args.block_size} is longer than the model's context of {context} tokens")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -268,9 +279,19 @@ def context_length(config) -> int | None:
     return None
 
 
-def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
-    """(trainable, total) parameters; a 4-bit weight counts as one parameter, not half a byte."""
-    if hasattr(model, "get_nb_trainable_parameters"):  # a PeftModel counts packed 4-bit weights right
-        return model.get_nb_trainable_parameters()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+def resolve_block_size(args: StoryArguments) -> int:
+    """block_size, with -1 read as the model's context: max_position_embeddings from scratch, else the pretrained
+    model's own."""
+    if args.block_size != -1:
+        return args.block_size
+    if args.from_scratch:
+        return args.max_position_embeddings
+    try:
+        context = context_length(AutoConfig.from_pretrained(args.model_name_or_path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_name_or_path={args.model_name_or_path!r}: no model config could be loaded "
+                        f"({one_line(e, 200)})") from None
+    if context is None:
+        raise UserError(f"block_size=-1: the config of {args.model_name_or_path!r} states no context length; "
+                        "set block_size")
+    return context

@@ -1,75 +1,89 @@
-"""Turn a TinyStories `.txt` file into train/validation CSV files with a `text` column (the seed project's
-data preparation).
+"""`tsg prepare`: turn a TinyStories `.txt` file into train/validation CSV files with a `text` column, each story
+wrapped in start/end markers (the seed project's data preparation).
 
-    python -m tsg.prepare TinyStoriesV2-GPT4-train.txt data/ --ndata 20000 --train_fraction 0.9
+    tsg prepare TinyStoriesV2-GPT4-train.txt data/ --ndata 20000 --train_fraction 0.9   # data/train.csv, valid.csv
+    tsg prepare -c dataprep.toml                     # the seed's config: outname X.csv -> X_train.csv, X_test.csv
 
-Each story is wrapped in start/end markers (default `<|startoftext|>` / `<|endoftext|>`); the first
-`ndata` stories are shuffled with `split_random_seed` and split by `train_fraction` into
-`OUTPUT_DIR/train.csv` and `OUTPUT_DIR/valid.csv`. Train on them with
-`--train_file OUTPUT_DIR/train.csv --validation_file OUTPUT_DIR/valid.csv`.
+The first `ndata` stories are shuffled with `split_random_seed` and split by `train_fraction`. Train on them with
+`--train_file data/train.csv --validation_file data/valid.csv`.
 """
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import sys
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from datasets import Dataset
+from tsg.config import Command, SeedKey, run
+from tsg.data import END_OF_STORY, split_stories
+from tsg.files import UserError, replaced_atomically
 
-from tsg.data import read_tinystories_txt
+logger = logging.getLogger("tsg")
 
 
-def prepare(input_path: str, output_dir: str, ndata: int | None = None, train_fraction: float = 0.9,
-            split_random_seed: int = 42, start_marker: str = "<|startoftext|>",
-            end_marker: str = "<|endoftext|>") -> dict[str, int]:
-    """Write OUTPUT_DIR/train.csv and valid.csv; returns the number of stories in each."""
-    if not Path(input_path).is_file():
-        raise ValueError(f"{input_path}: no such file")
-    if ndata is not None and ndata < 1:
-        raise ValueError(f"--ndata: expected a positive number of stories, got {ndata}")
-    if not 0 < train_fraction <= 1:
-        raise ValueError(f"--train_fraction: expected a number in (0, 1], got {train_fraction}")
-    stories = (story for story in read_tinystories_txt(input_path) if story.strip())
-    texts = [f"{start_marker}{story}{end_marker}" for story in itertools.islice(stories, ndata)]
-    if not texts:
-        raise ValueError(f"{input_path}: no stories (expected stories separated by <|endoftext|> lines)")
-    dataset = Dataset.from_dict({"text": texts}).shuffle(seed=split_random_seed)
-    n_train = max(1, round(len(texts) * train_fraction))
-    splits = {"train": dataset.select(range(n_train))}
-    if n_train < len(texts):
-        splits["valid"] = dataset.select(range(n_train, len(texts)))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, split in splits.items():
-        tmp = out / f".{name}.csv.tmp"
-        split.to_csv(str(tmp), index=False)
-        tmp.replace(out / f"{name}.csv")
-    if "valid" not in splits:  # no stale validation file from an earlier run beside the new train.csv
-        (out / "valid.csv").unlink(missing_ok=True)
-    return {"train": len(splits["train"]), "valid": len(splits.get("valid", []))}
+@dataclass
+class PrepareArguments:
+    input_file: Optional[str] = field(default=None, metadata={
+        "help": f"TinyStories .txt file (stories separated by {END_OF_STORY} lines)."})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for train.csv and valid.csv."})
+    output_file: Optional[str] = field(default=None, metadata={
+        "help": "Or: one CSV name X.csv; the splits are X_train.csv and X_test.csv beside it."})
+    ndata: Optional[int] = field(default=None, metadata={"help": "Use the first N stories (default: all)."})
+    train_fraction: float = field(default=0.9, metadata={"help": "Share of the stories for training."})
+    split_random_seed: int = field(default=42, metadata={"help": "Seed of the shuffle before the split."})
+    start_marker: str = field(default="<|startoftext|>", metadata={"help": "Text put before each story."})
+    end_marker: str = field(default=END_OF_STORY, metadata={"help": "Text put after each story."})
+
+    def __post_init__(self):
+        if not self.input_file:
+            raise UserError("input_file: required (tsg prepare INPUT_FILE OUTPUT_DIR)")
+        if bool(self.output_dir) == bool(self.output_file):
+            raise UserError("give output_dir (train.csv, valid.csv) or output_file (X_train.csv, X_test.csv), "
+                            "one of them")
+        if self.output_file and Path(self.output_file).suffix.lower() != ".csv":
+            raise UserError(f"output_file {self.output_file}: expected a .csv file name")
+        if self.ndata is not None and self.ndata < 1:
+            raise UserError(f"ndata: expected a positive number of stories, got {self.ndata}")
+        if not 0 < self.train_fraction <= 1:
+            raise UserError(f"train_fraction: expected a number in (0, 1], got {self.train_fraction}")
+
+    def outputs(self) -> dict[str, Path]:
+        """Where each split goes: train, and test (the held-out stories)."""
+        if self.output_dir:
+            return {"train": Path(self.output_dir) / "train.csv", "test": Path(self.output_dir) / "valid.csv"}
+        file = Path(self.output_file)
+        return {split: file.with_name(f"{file.stem}_{split}.csv") for split in ("train", "test")}
+
+
+PREPARE = Command(
+    name="prepare",
+    types=(PrepareArguments,),
+    description=__doc__.split("\n\n")[0],
+    positional=("input_file", "output_dir"),
+    seed_keys={"input_name": SeedKey("input_file"), "outname": SeedKey("output_file"),
+               "starter": SeedKey("start_marker"), "ender": SeedKey("end_marker")},
+)
+
+
+def prepare(options: PrepareArguments) -> dict[str, int]:
+    """Write the splits as CSV (atomically); returns how many stories went into each."""
+    splits = split_stories(options.input_file, options.ndata, options.train_fraction, options.split_random_seed,
+                           options.start_marker, options.end_marker)
+    for name, path in options.outputs().items():
+        if name in splits:
+            with replaced_atomically(path) as tmp:
+                splits[name].to_csv(str(tmp), index=False)
+        else:  # no stale held-out file from an earlier run beside the new training file
+            path.unlink(missing_ok=True)
+    counts = {name: len(splits[name]) if name in splits else 0 for name in ("train", "test")}
+    written = " and ".join(str(path) for name, path in options.outputs().items() if counts[name])
+    logger.info("%s training and %s held-out stories: %s", f"{counts['train']:,}", f"{counts['test']:,}", written)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tsg.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="TinyStories .txt file (stories separated by <|endoftext|> lines)")
-    parser.add_argument("output_dir", help="folder for train.csv and valid.csv")
-    parser.add_argument("--ndata", type=int, default=None, help="use the first N stories (default: all)")
-    parser.add_argument("--train_fraction", type=float, default=0.9, help="share of stories for training")
-    parser.add_argument("--split_random_seed", type=int, default=42, help="seed of the shuffle before the split")
-    parser.add_argument("--start_marker", default="<|startoftext|>", help="text put before each story")
-    parser.add_argument("--end_marker", default="<|endoftext|>", help="text put after each story")
-    args = parser.parse_args(argv)
-    try:
-        counts = prepare(args.input, args.output_dir, args.ndata, args.train_fraction, args.split_random_seed,
-                         args.start_marker, args.end_marker)
-    except ValueError as e:
-        print(f"tsg.prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    written = "train.csv and valid.csv" if counts["valid"] else "train.csv (no stories left for valid.csv)"
-    print(f"tsg.prepare: {counts['train']:,} training and {counts['valid']:,} validation stories "
-          f"in {args.output_dir}: {written}")
+    run(PREPARE, prepare, argv)
 
 
 if __name__ == "__main__":

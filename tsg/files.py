@@ -1,0 +1,71 @@
+"""Files tsg reads and writes, and the one error type of bad input.
+
+Every output (a run's `run_config.json`, stories, reports, CSV splits, a merged model folder) is written through
+`replaced_atomically`: into a temporary path beside the target, renamed into place only once complete, so that
+an interrupted or failed write never leaves a half-written file where the output belongs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+
+class UserError(ValueError):
+    """Bad input (a config, data, a model folder, an option): the message is one line naming the file, key or value
+    and what is expected. Commands print it as `tsg <cmd>: error: <message>` and exit with code 2."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """A library's error message on one line, cut to `limit` characters (for the end of a UserError message)."""
+    return " ".join(str(error).split())[:limit]
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write a file or a folder into; when the block ends without an error it takes
+    `path`'s place by a rename (a folder already there is moved aside first, then deleted). On an error the
+    temporary path is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():  # a rename cannot replace a folder that holds files
+            path.rename(old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` as the whole of the UTF-8 file `path`, atomically."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_lines(path: str | os.PathLike, key: str) -> list[str]:
+    """The non-blank lines of a text file, stripped (prompts, banned words). `key` names the option in errors."""
+    file = existing_file(path, key)
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"{path}: the file holds no lines ({key})")
+    return lines
+
+
+def existing_file(path: str | os.PathLike, key: str) -> Path:
+    """`path` as a Path, or a UserError naming `key` when it is not a file."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path}: {'not a file' if file.exists() else 'no such file'} ({key})")
+    return file

@@ -1,0 +1,277 @@
+"""The training run: stories -> tokenizer -> packed blocks -> model -> the Hugging Face Trainer under Accelerate ->
+a saved model folder.
+
+    args, training_args = tsg.config.parse_args(["configs/tiny_cpu.json", "--max_steps", "20"])
+    train(args, training_args)
+
+The output folder (`output_dir`) ends up holding a model and tokenizer that `AutoModelForCausalLM` /
+`AutoTokenizer.from_pretrained` load, `run_config.json` (the resolved config and the versions it ran with),
+checkpoints and metrics. Nothing is written there before the config, the stories and the model have loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from tsg import data, model as models
+from tsg.config import RunError, StoryArguments, write_run_config
+from tsg.files import UserError
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RunError):
+    """The training loss became NaN or infinite; the run stopped before the optimizer step."""
+
+
+class StoryTrainer(Trainer):
+    """The HF Trainer, logging perplexity and bits per byte beside every eval loss, and stopping on a NaN or
+    infinite loss.
+
+    `eval_bits_per_byte` = eval loss x (predicted tokens / UTF-8 bytes of the validation stories) / ln 2:
+    comparable across tokenizers; approximate, as the Trainer averages the loss over batches
+    (`tsg evaluate` computes it exactly, story by story).
+    """
+
+    eval_tokens_per_byte: float | None = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            if self.eval_tokens_per_byte:
+                logs["eval_bits_per_byte"] = logs["eval_loss"] * self.eval_tokens_per_byte / math.log(2)
+        super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # every process takes part in the check, so that all of them stop together (no rank left waiting)
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+        if bad.item() > 0:
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise NonFiniteLoss(
+                f"the training loss is {loss.item()} at step {self.state.global_step + 1}; stopped before the "
+                f"optimizer step. The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}: "
+                "resume from it with a lower learning_rate (or max_grad_norm, warmup_steps)"
+            )
+        return loss
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step a checkpoint holds, from its trainer_state.json; None when it has no readable one. The Trainer
+    writes that file last, so a checkpoint cut short by a crash has none, or half of one."""
+    try:
+        step = json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    return checkpoint_step(folder) is not None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint-N in output_dir that was written to the end (its trainer_state.json is at step N)."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if checkpoint_step(folder) == int(folder.name.split("-")[-1]):
+            return str(folder)
+    return None
+
+
+def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | None:
+    """The checkpoint to resume from (`resume_from_checkpoint`: true = the newest complete one, or a path)."""
+    value = training_args.resume_from_checkpoint
+    output = Path(training_args.output_dir)
+    existing = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if value is None or str(value).lower() == "false":
+        if existing and not overwrite:
+            raise UserError(
+                f"output_dir={str(output)!r} already holds checkpoints: resume with --resume_from_checkpoint true, "
+                "start over with --overwrite_output_dir true, or choose another output_dir"
+            )
+        return None
+    if str(value).lower() == "true":
+        complete = last_complete_checkpoint(output) if output.is_dir() else None
+        if complete is None:
+            raise UserError(f"resume_from_checkpoint=true but output_dir={str(output)!r} holds no complete checkpoint")
+        if existing != complete:
+            logger.info(f"{existing} was cut short (no complete trainer_state.json): resuming from {complete}")
+        return complete
+    if not is_complete_checkpoint(value):
+        raise UserError(f"resume_from_checkpoint={value!r} is not a complete checkpoint folder "
+                          "(no readable trainer_state.json for its step)")
+    return value
+
+
+def build_tokenizer(args: StoryArguments, training_args: TrainingArguments, stories, resume: str | None):
+    """The named tokenizer, or, from scratch, one trained on the training stories and saved in output_dir.
+
+    A resumed run takes the tokenizer saved in its checkpoint. Every process, rank 0 included, then
+    loads the saved files, so that all of them fingerprint the same tokenizer and share one
+    tokenization cache.
+    """
+    if args.tokenizer_name or not args.from_scratch:
+        return models.load_tokenizer(args)
+    if resume and (Path(resume) / "tokenizer.json").is_file():
+        return models.with_pad_token(AutoTokenizer.from_pretrained(resume))
+    saved = Path(training_args.output_dir)
+    with training_args.main_process_first(local=False, desc="train tokenizer"):
+        if training_args.process_index == 0:
+            logger.info(f"training a byte-level BPE tokenizer ({args.vocab_size} tokens) on the training stories")
+            texts = (batch["text"] for batch in stories["train"].iter(batch_size=1000))
+            tokenizer = models.train_tokenizer(texts, args.vocab_size)
+            tokenizer.model_max_length = args.max_position_embeddings or args.block_size
+            tokenizer.save_pretrained(saved)
+        return models.with_pad_token(AutoTokenizer.from_pretrained(saved))
+
+
+def build_blocks(args: StoryArguments, training_args: TrainingArguments, stories, tokenizer: PreTrainedTokenizerBase):
+    """Tokenized, packed blocks (rank 0 first, the other processes read its cache)."""
+    with training_args.main_process_first(desc="tokenize and pack"):
+        tokens = data.tokenize_stories(stories, tokenizer, args.preprocessing_num_workers, args.overwrite_cache)
+        blocks = data.pack_dataset(tokens, args.block_size, args.packing, tokenizer.pad_token_id,
+                                   args.preprocessing_num_workers, args.overwrite_cache)
+    return tokens, blocks
+
+
+def report_start(args, training_args, summary, model, blocks) -> None:
+    """The derived numbers a user checks before waiting for a run."""
+    trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    world = training_args.world_size
+    rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    batches = math.ceil(len(blocks["train"]) / (training_args.per_device_train_batch_size * world))
+    steps_per_epoch = max(1, math.ceil(batches / training_args.gradient_accumulation_steps))
+    total_steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+        steps_per_epoch * training_args.num_train_epochs)
+    for split in ("train", "validation"):
+        if split in summary:
+            s = summary[split]
+            logger.info(f"{split} split: {s['stories']:,} stories, {s['tokens']:,} tokens, {s['blocks']:,} blocks of "
+                               f"{args.block_size} ({args.packing} packing), pad share {s['pad_share']:.2%}")
+    if summary["empty_stories_skipped"]:
+        logger.info(f"skipped {summary['empty_stories_skipped']:,} empty stories")
+    source = f"from scratch: {args.model_type}" if args.from_scratch else args.model_name_or_path
+    if args.use_peft:
+        bits = "4-bit " + args.bnb_4bit_quant_type if args.load_in_4bit else "8-bit" if args.load_in_8bit else "full-precision"
+        source += f", LoRA r={args.lora_r} alpha={args.lora_alpha} on {bits} weights"
+    logger.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%}); {source}")
+    if model.config._attn_implementation == models.STORY_ATTENTION:
+        logger.info("attention: sdpa story by story in training on the CPU (isolated packing), with the "
+                           "block mask elsewhere")
+    logger.info(f"tokens per optimizer step = {training_args.per_device_train_batch_size} rows x "
+                       f"{training_args.gradient_accumulation_steps} accumulation x {world} processes x "
+                       f"{args.block_size} tokens = {rows_per_step * args.block_size:,}")
+    logger.info(f"steps per epoch = {steps_per_epoch:,}; this run: {total_steps:,} steps, "
+                       f"{total_steps * rows_per_step * args.block_size:,} tokens")
+
+
+def setup_wandb(training_args: TrainingArguments, run_name: str) -> None:
+    """W&B runs are named from the config; without an API key they run offline into output_dir."""
+    if "wandb" not in training_args.report_to:
+        return
+    os.environ.setdefault("WANDB_PROJECT", training_args.project if training_args.project != "huggingface" else "tsg")
+    os.environ.setdefault("WANDB_DIR", training_args.output_dir)
+    if training_args.run_name in (None, training_args.output_dir):
+        training_args.run_name = run_name
+    netrc = Path.home() / ".netrc"
+    has_key = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not has_key and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        logger.info(f"W&B: no API key, logging offline; to upload later: "
+                           f"wandb sync {training_args.output_dir}/wandb/offline-run-*")
+
+
+def clear_output(output_dir: str) -> None:
+    """--overwrite_output_dir: remove an earlier run's checkpoints, adapter and merged model."""
+    output = Path(output_dir)
+    for old in [*output.glob("checkpoint-*"), output / "merged"]:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"):
+        (output / name).unlink(missing_ok=True)
+
+
+def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume: str | None) -> StoryTrainer:
+    """Stories -> tokenizer -> packed blocks -> model -> Trainer, printing what was built."""
+    args.block_size = models.resolve_block_size(args)
+    stories, counts = data.load_stories(args, seed=training_args.data_seed or training_args.seed)
+    if training_args.eval_strategy != "no" and "validation" not in stories:
+        raise UserError(
+            f"eval_strategy={training_args.eval_strategy.value!r} needs validation stories: set validation_file "
+            "or validation_split_percentage > 0, or eval_strategy no"
+        )
+    tokenizer = build_tokenizer(args, training_args, stories, resume)
+    tokens, blocks = build_blocks(args, training_args, stories, tokenizer)
+    model = models.load_model(args, tokenizer, training_args)
+    report_start(args, training_args, data.describe(stories, tokens, blocks, counts, args.block_size), model, blocks)
+    trainer = StoryTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks.get("validation"),
+        processing_class=tokenizer,
+        data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
+    )
+    if "validation" in blocks:
+        trainer.eval_tokens_per_byte = data.count_labels(blocks["validation"]) / data.count_bytes(stories["validation"])
+    if "wandb" in training_args.report_to:
+        from tsg.callbacks import SampleStoriesCallback, WandbConfigCallback
+
+        trainer.add_callback(WandbConfigCallback(args))
+        if args.sample_steps:
+            trainer.add_callback(SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
+                                                       args.sample_max_new_tokens))
+    return trainer
+
+
+def save(trainer: StoryTrainer, result) -> None:
+    """The final model and tokenizer (or adapter), metrics, and a last evaluation."""
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    logger.info(f"saved the {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} "
+                      f"and tokenizer in {trainer.args.output_dir}")
+
+
+
+def set_log_levels(training_args: TrainingArguments) -> None:
+    """tsg's, transformers' and datasets' log levels from TrainingArguments (log_level, log_level_replica), as the
+    Hugging Face example scripts set them: tsg's start-up lines show on the main process unless log_level says
+    otherwise, and replicas stay quiet."""
+    level = training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+    if training_args.should_log and training_args.log_level == "passive":
+        level = logging.INFO
+    logging.getLogger("tsg").setLevel(level)
+
+
+def train(args: StoryArguments, training_args: TrainingArguments) -> None:
+    """The whole run: everything checked and built first, then the output folder written, trained and saved."""
+    set_log_levels(training_args)
+    resume = resolve_resume(training_args, args.overwrite_output_dir)
+    set_seed(training_args.seed)
+    setup_wandb(training_args, Path(training_args.output_dir).name)
+    trainer = build_trainer(args, training_args, resume)
+    if training_args.process_index == 0:  # only now that everything was checked and built
+        if args.overwrite_output_dir and not resume:
+            clear_output(training_args.output_dir)
+        write_run_config(args, training_args)
+    result = trainer.train(resume_from_checkpoint=resume)
+    save(trainer, result)
