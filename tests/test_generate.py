@@ -13,8 +13,6 @@ import csv
 import json
 import random
 import re
-import sys
-import types
 
 import pytest
 import torch

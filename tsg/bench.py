@@ -49,7 +49,7 @@ from typing import Literal, Optional
 
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
 from tsg import __version__, data, generation, model as models  # isort: skip
-from tsg.config import Command, StoryArguments, parse_args, run as run_command  # isort: skip
+from tsg.config import Command, StoryArguments, option, parse_args, run as run_command  # isort: skip
 from tsg.files import existing_file, read_lines, write_text  # isort: skip
 from tsg.model import build_config, context_length  # isort: skip
 from tsg.scoring import DEFAULT_PROMPTS  # isort: skip
@@ -770,11 +770,10 @@ def run_bench(data_file: str, sizes: Sizes, only: str | None, work: Path) -> dic
 
 @dataclass
 class BenchArguments:
-    data: str = field(default=str(data.SAMPLE_FILE), metadata={"help": "Story file (default: the embedded sample)."})
-    output: str = field(default="bench-results.json", metadata={"help": "JSON file of the results."})
-    tiny: bool = field(default=False, metadata={"help": "Tiny sizes: every section in seconds (for the tests)."})
-    only: Optional[Literal[SECTIONS]] = field(default=None, metadata={
-        "help": "Run one section (the hardware section always runs)."})
+    data: str = option(str(data.SAMPLE_FILE), "Story file (default: the embedded sample).")
+    output: str = option("bench-results.json", "JSON file of the results.")
+    tiny: bool = option(False, "Tiny sizes: every section in seconds (for the tests).")
+    only: Optional[Literal[SECTIONS]] = option(None, "Run one section (the hardware section always runs).")
 
     def __post_init__(self):
         existing_file(self.data, "data")

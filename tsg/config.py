@@ -51,6 +51,14 @@ class RunError(RuntimeError):
     """A run that failed after its inputs were checked (a NaN loss): one line, exit code 1."""
 
 
+def option(default, help: str, **metadata):
+    """A command option as a dataclass field: its default and one line of help, both shown by `tsg <cmd> --help`
+    (more metadata: HfArgumentParser's `aliases`, e.g. `aliases=["-n"]`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 # --- the seed project's keys ---
 
 
@@ -93,7 +101,7 @@ class Command:
     description: str = ""
     positional: tuple[str, ...] = ()  # fields that the words before the first option fill, in order
     seed_keys: Mapping[str, SeedKey] = field(default_factory=dict)
-    sections: tuple[str, ...] = ()  # tables of the file whose keys count as top-level keys (the seed's [hyper-parameters])
+    sections: tuple[str, ...] = ()  # tables whose keys count as top-level keys (the seed's [hyper-parameters])
     flags: Mapping[str, tuple[str, Any, str]] = field(default_factory=dict)  # "--greedy": (field, value, help)
     defaults: Optional[Callable[[Optional[str]], list[str]]] = None  # config path -> words before the file's
     adjust: Optional[Callable[[argparse.Namespace], list[str]]] = None  # parsed values -> words that override them
@@ -346,89 +354,63 @@ class StoryArguments:
     """tsg's own fields: which model, which stories, how they are packed. TrainingArguments holds the rest."""
 
     # --- model: fine-tune a pretrained one, or build one from scratch ---
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Hub name or local folder of a causal LM to fine-tune (e.g. gpt2)."}
-    )
-    model_type: Optional[str] = field(
-        default=None, metadata={"help": "Architecture to train from scratch (gpt2, gpt_neo, ...), randomly initialised."}
-    )
-    num_hidden_layers: Optional[int] = field(default=None, metadata={"help": "From scratch: number of layers."})
-    hidden_size: Optional[int] = field(default=None, metadata={"help": "From scratch: model width."})
-    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "From scratch: attention heads."})
-    max_position_embeddings: Optional[int] = field(
-        default=None, metadata={"help": "From scratch: context length (default: block_size)."}
-    )
-    config_overrides: Union[dict, str, None] = field(
-        default=None,
-        metadata={"help": "From scratch: other model config fields, as a JSON object (e.g. GPT-Neo attention_types)."},
-    )
-    tokenizer_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "Hub name or folder of a tokenizer. From scratch without it, one is trained on the stories."},
-    )
-    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the byte-level BPE tokenizer trained here."})
-    attn_implementation: Optional[str] = field(
-        default=None, metadata={"help": "Attention kernel: sdpa, eager or flash_attention_2 (default: the model's)."}
-    )
+    model_name_or_path: Optional[str] = option(None, "Hub name or local folder of a causal LM to fine-tune (e.g. "
+                                               "gpt2).")
+    model_type: Optional[str] = option(None, "Architecture to train from scratch (gpt2, gpt_neo, ...), randomly "
+                                       "initialised.")
+    num_hidden_layers: Optional[int] = option(None, "From scratch: number of layers.")
+    hidden_size: Optional[int] = option(None, "From scratch: model width.")
+    num_attention_heads: Optional[int] = option(None, "From scratch: attention heads.")
+    max_position_embeddings: Optional[int] = option(None, "From scratch: context length (default: block_size).")
+    config_overrides: Union[dict, str, None] = option(None, "From scratch: other model config fields, as a JSON object "
+                                                      "(e.g. GPT-Neo attention_types).")
+    tokenizer_name: Optional[str] = option(None, "Hub name or folder of a tokenizer. From scratch without it, one is "
+                                           "trained on the stories.")
+    vocab_size: int = option(4096, "Vocabulary of the byte-level BPE tokenizer trained here.")
+    attn_implementation: Optional[str] = option(None, "Attention kernel: sdpa, eager or flash_attention_2 (default: "
+                                                "the model's).")
 
     # --- adapters and quantization (names as in TRL's ModelConfig and transformers' BitsAndBytesConfig) ---
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of every weight."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules that get adapters (default: all linear layers but the output)."}
-    )
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bits: QLoRA."})
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
-    bnb_4bit_use_double_quant: bool = field(
-        default=True, metadata={"help": "Quantize the 4-bit quantization constants too (saves ~0.4 bit a weight)."}
-    )
-    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
-        default=None, metadata={"help": "dtype of the 4-bit matmuls (default: bfloat16 on GPU, float32 on CPU)."}
-    )
+    use_peft: bool = option(False, "Train LoRA adapters instead of every weight.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: Optional[list[str]] = option(None, "Modules that get adapters (default: all linear layers but "
+                                                      "the output).")
+    load_in_8bit: bool = option(False, "Load the base model in 8 bits (bitsandbytes).")
+    load_in_4bit: bool = option(False, "Load the base model in 4 bits: QLoRA.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type.")
+    bnb_4bit_use_double_quant: bool = option(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit a "
+                                             "weight).")
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(None, "dtype of the 4-bit "
+                                                                                         "matmuls (default: bfloat16 "
+                                                                                         "on GPU, float32 on CPU).")
 
     # --- data: where the stories come from ---
-    dataset_name: Optional[str] = field(
-        default=DEFAULT_DATASET, metadata={"help": "Hub data set of stories, used when no train_file is given."}
-    )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the hub data set."})
-    train_file: Optional[str] = field(
-        default=None, metadata={"help": "Stories to train on: TinyStories .txt, .csv, .json/.jsonl or .parquet."}
-    )
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Held-out stories, same formats."})
-    validation_split_percentage: float = field(
-        default=5.0,
-        metadata={"help": "Without a validation file or split: percent of the training stories held out (seeded)."},
-    )
-    text_column: str = field(default="text", metadata={"help": "Column that holds the story in CSV/JSON/parquet."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training stories."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many held-out stories."})
+    dataset_name: Optional[str] = option(DEFAULT_DATASET, "Hub data set of stories, used when no train_file is given.")
+    dataset_config_name: Optional[str] = option(None, "Configuration of the hub data set.")
+    train_file: Optional[str] = option(None, "Stories to train on: TinyStories .txt, .csv, .json/.jsonl or .parquet.")
+    validation_file: Optional[str] = option(None, "Held-out stories, same formats.")
+    validation_split_percentage: float = option(5.0, "Without a validation file or split: percent of the training "
+                                                "stories held out (seeded).")
+    text_column: str = option("text", "Column that holds the story in CSV/JSON/parquet.")
+    max_train_samples: Optional[int] = option(None, "Use at most this many training stories.")
+    max_eval_samples: Optional[int] = option(None, "Use at most this many held-out stories.")
 
     # --- tokenize and pack ---
-    block_size: int = field(default=512, metadata={"help": "Tokens per training row (-1: the model's context)."})
-    packing: Literal["isolated", "concat", "pad"] = field(
-        default="isolated",
-        metadata={
-            "help": "isolated: whole stories packed into blocks, each attending only to itself; "
-            "concat: plain concatenation (run_clm); pad: one story per row, padded."
-        },
-    )
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing."})
-    overwrite_cache: bool = field(default=False, metadata={"help": "Tokenize again even if a cached result exists."})
+    block_size: int = option(512, "Tokens per training row (-1: the model's context).")
+    packing: Literal["isolated", "concat", "pad"] = option(
+        "isolated", "isolated: whole stories packed into blocks, each attending only to itself; concat: plain "
+        "concatenation (run_clm); pad: one story per row, padded.")
+    preprocessing_num_workers: Optional[int] = option(None, "Processes for tokenizing.")
+    overwrite_cache: bool = option(False, "Tokenize again even if a cached result exists.")
 
     # --- the run ---
-    sample_prompts: Optional[list[str]] = field(
-        default=None, metadata={"help": "Story openings sampled during training (default: a fixed set of five)."}
-    )
-    sample_steps: int = field(
-        default=0, metadata={"help": "Every this many steps, tell stories from sample_prompts into W&B (0: never)."}
-    )
-    sample_max_new_tokens: int = field(default=128, metadata={"help": "Length budget of those sample stories."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start over in an output_dir that holds checkpoints (they are deleted)."}
-    )
+    sample_prompts: Optional[list[str]] = option(None, "Story openings sampled during training (default: a fixed set "
+                                                 "of five).")
+    sample_steps: int = option(0, "Every this many steps, tell stories from sample_prompts into W&B (0: never).")
+    sample_max_new_tokens: int = option(128, "Length budget of those sample stories.")
+    overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds checkpoints (they are deleted).")
 
     def __post_init__(self):
         for name in ("model_name_or_path", "model_type", "tokenizer_name", "attn_implementation", "dataset_name",
@@ -449,7 +431,8 @@ class StoryArguments:
 
     def _check_model(self) -> None:
         architecture = [name for name in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                          "max_position_embeddings", "config_overrides") if getattr(self, name) is not None]
+                                          "max_position_embeddings", "config_overrides")
+                        if getattr(self, name) is not None]
         if self.model_name_or_path and self.model_type:
             raise UserError("model_name_or_path and model_type are both set: give model_name_or_path to fine-tune "
                             "or model_type to train from scratch")

@@ -15,10 +15,10 @@ stories printed numbered. `--output FILE.csv|.jsonl` also writes one row per sto
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-from tsg.config import Command, SeedKey, run, seed_bool
+from tsg.config import Command, SeedKey, option, run, seed_bool
 from tsg.files import UserError, read_lines
 from tsg.generation import (Settings, banned_token_sequences, check_output_path, fit_to_context,
                             load_model, progress_bars_only_on_a_terminal, prompt_texts, tell_stories, write_stories)
@@ -32,27 +32,18 @@ logger = logging.getLogger("tsg")
 class GenerateArguments:
     """Which model, which prompts, where the stories go (Settings holds how they are told)."""
 
-    model: Optional[str] = field(default=None, metadata={
-        "help": "Folder saved by tsg train, an adapter run (adapter_config.json), or a hub name."})
-    base_model: Optional[str] = field(default=None, metadata={
-        "help": "An adapter run's base model (default: the one its adapter_config.json names)."})
-    use_peft: Optional[bool] = field(default=None, metadata={
-        "help": "true: the model folder must be an adapter run; false: a full model (default: either)."})
-    prompt: Optional[str] = field(default=None, metadata={
-        "help": f"How the story starts (default: {DEFAULT_PROMPT!r} unless prompts_file gives prompts; with it, "
-                "this prompt comes first).", "aliases": ["-q"]})
-    prompts_file: Optional[str] = field(default=None, metadata={
-        "help": "Text file of prompts, one a line (blank lines skipped)."})
-    banned_words_file: Optional[str] = field(default=None, metadata={
-        "help": "Text file of banned words, one a line (added to banned_words)."})
-    quantization: Literal["none", "8bit", "4bit"] = field(default="none", metadata={
-        "help": "Load the weights in 8 or 4 bits (bitsandbytes)."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
-    compile: bool = field(default=False, metadata={
-        "help": "Static KV cache and torch.compile'd decoding steps: a one-time compile (tens of seconds on a CPU), "
-                "then faster tokens; pays off for long stories or many prompts."})
-    output: Optional[str] = field(default=None, metadata={
-        "help": "Also write the stories, one row each with the settings, to FILE.csv or FILE.jsonl (atomically)."})
+    model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run, or a hub name.")
+    base_model: Optional[str] = option(None, "An adapter run's base model (default: the one its adapter names).")
+    use_peft: Optional[bool] = option(None, "true: model must be an adapter run; false: must not (default: either).")
+    prompt: Optional[str] = option(None, f"How the story starts (default: {DEFAULT_PROMPT!r} unless prompts_file gives "
+                                   f"prompts; with it, this prompt comes first).", aliases=["-q"])
+    prompts_file: Optional[str] = option(None, "Text file of prompts, one a line (blank lines skipped).")
+    banned_words_file: Optional[str] = option(None, "Text file of banned words, one a line (added to banned_words).")
+    quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the weights in 8 or 4 bits (bitsandbytes).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    compile: bool = option(False, "Static KV cache and torch.compile'd decoding steps: a one-time compile (tens of "
+                           "seconds on a CPU), then faster tokens; pays off for long stories or many prompts.")
+    output: Optional[str] = option(None, "Also write the stories, a row each with the settings, to FILE.csv or .jsonl.")
 
     def __post_init__(self):
         if not self.model:

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as hf_logging
 
 from tsg import adapter
+from tsg.config import option
 from tsg.files import UserError, one_line, replaced_atomically
 from tsg.model import context_length, keep_standard_4bit_layout, quantization_config, with_pad_token
 
@@ -41,34 +42,27 @@ MAX_SPELLINGS = 20_000  # token sequences per banned word (all variants): ~15 le
 logger = logging.getLogger(__name__)
 
 
-def _help(text: str, **more) -> dict:
-    return {"help": text, **more}
-
-
 @dataclass(frozen=True)
 class Settings:
     """How stories are told: everything that, with the model and the prompt, decides the stories (GenerationConfig's
     names). Checked when made: a bad value is a UserError naming it."""
 
-    max_new_tokens: int = field(default=200, metadata=_help("Most tokens added to each prompt."))
-    do_sample: bool = field(default=True, metadata=_help("Sample the tokens (false, or --greedy: the likeliest "
-                                                         "token, or beams)."))
-    temperature: float = field(default=1.0, metadata=_help("Sampling temperature, > 0."))
-    top_k: int = field(default=50, metadata=_help("Sample among the k likeliest tokens (0: all)."))
-    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling: the likeliest tokens that cover this share."))
-    repetition_penalty: float = field(default=1.0, metadata=_help("> 1 discourages repeating tokens."))
-    num_beams: int = field(default=1, metadata=_help("Beam search with this many beams (1: none)."))
-    length_penalty: float = field(default=1.0, metadata=_help("Beam search: > 0 favours longer stories, < 0 shorter."))
-    num_return_sequences: int = field(default=1, metadata=_help("Stories per prompt.", aliases=["-n"]))
-    seed: int = field(default=0, metadata=_help("Random seed: same seed, settings and model, same stories.",
-                                                aliases=["-rnd"]))
-    banned_words: list[str] = field(default_factory=list, metadata=_help(
-        "Words never told, in any tokenization, with a leading space or capitalised."))
-    start_marker: str = field(default="", metadata=_help(
-        "Text put before each prompt (e.g. <|startoftext|> for a model trained on tsg prepare's CSV)."))
-    end_marker: str = field(default="", metadata=_help("Text that ends a story besides the eos token."))
-    batch_size: int = field(default=8, metadata=_help("Prompts generated together, each with its stories "
-                                                      "(left padded)."))
+    max_new_tokens: int = option(200, "Most tokens added to each prompt.")
+    do_sample: bool = option(True, "Sample the tokens (false, or --greedy: the likeliest token, or beams).")
+    temperature: float = option(1.0, "Sampling temperature, > 0.")
+    top_k: int = option(50, "Sample among the k likeliest tokens (0: all).")
+    top_p: float = option(1.0, "Nucleus sampling: the likeliest tokens that cover this share.")
+    repetition_penalty: float = option(1.0, "> 1 discourages repeating tokens.")
+    num_beams: int = option(1, "Beam search with this many beams (1: none).")
+    length_penalty: float = option(1.0, "Beam search: > 0 favours longer stories, < 0 shorter.")
+    num_return_sequences: int = option(1, "Stories per prompt.", aliases=["-n"])
+    seed: int = option(0, "Random seed: same seed, settings and model, same stories.", aliases=["-rnd"])
+    banned_words: list[str] = option([], "Words never told, in any tokenization, with a leading space or "
+                                         "capitalised.")
+    start_marker: str = option("", "Text put before each prompt (e.g. <|startoftext|> for a model trained on "
+                                   "tsg prepare's CSV).")
+    end_marker: str = option("", "Text that ends a story besides the eos token.")
+    batch_size: int = option(8, "Prompts generated together, each with its stories (left padded).")
 
     def __post_init__(self):
         for name in ("max_new_tokens", "num_beams", "num_return_sequences", "batch_size"):

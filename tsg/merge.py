@@ -8,11 +8,11 @@ peft, checked against the adapter's own logits (tsg.adapter).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from tsg import adapter
-from tsg.config import Command, run
+from tsg.config import Command, option, run
 from tsg.files import UserError
 
 logger = logging.getLogger("tsg")
@@ -20,13 +20,12 @@ logger = logging.getLogger("tsg")
 
 @dataclass
 class MergeArguments:
-    run_dir: Optional[str] = field(default=None, metadata={
-        "help": "A run folder holding adapter_config.json (saved by tsg train with use_peft)."})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "Where the merged model and tokenizer go."})
-    base_model: Optional[str] = field(default=None, metadata={
-        "help": "The base to merge into (default: the one adapter_config.json names)."})
-    atol: float = field(default=adapter.ATOL, metadata={"help": "Absolute logit tolerance of the self-check."})
-    rtol: float = field(default=adapter.RTOL, metadata={"help": "Tolerance relative to the largest logit."})
+    run_dir: Optional[str] = option(None, "A run folder holding adapter_config.json (saved by tsg train with "
+                                    "use_peft).")
+    out_dir: Optional[str] = option(None, "Where the merged model and tokenizer go.")
+    base_model: Optional[str] = option(None, "The base to merge into (default: the one adapter_config.json names).")
+    atol: float = option(adapter.ATOL, "Absolute logit tolerance of the self-check.")
+    rtol: float = option(adapter.RTOL, "Tolerance relative to the largest logit.")
 
     def __post_init__(self):
         for name in ("run_dir", "out_dir"):

@@ -11,11 +11,11 @@ The first `ndata` stories are shuffled with `split_random_seed` and split by `tr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from tsg.config import Command, SeedKey, run
+from tsg.config import Command, SeedKey, option, run
 from tsg.data import END_OF_STORY, split_stories
 from tsg.files import UserError, replaced_atomically
 
@@ -24,16 +24,15 @@ logger = logging.getLogger("tsg")
 
 @dataclass
 class PrepareArguments:
-    input_file: Optional[str] = field(default=None, metadata={
-        "help": f"TinyStories .txt file (stories separated by {END_OF_STORY} lines)."})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Folder for train.csv and valid.csv."})
-    output_file: Optional[str] = field(default=None, metadata={
-        "help": "Or: one CSV name X.csv; the splits are X_train.csv and X_test.csv beside it."})
-    ndata: Optional[int] = field(default=None, metadata={"help": "Use the first N stories (default: all)."})
-    train_fraction: float = field(default=0.9, metadata={"help": "Share of the stories for training."})
-    split_random_seed: int = field(default=42, metadata={"help": "Seed of the shuffle before the split."})
-    start_marker: str = field(default="<|startoftext|>", metadata={"help": "Text put before each story."})
-    end_marker: str = field(default=END_OF_STORY, metadata={"help": "Text put after each story."})
+    input_file: Optional[str] = option(None, f"TinyStories .txt file (stories separated by {END_OF_STORY} lines).")
+    output_dir: Optional[str] = option(None, "Folder for train.csv and valid.csv.")
+    output_file: Optional[str] = option(None, "Or: one CSV name X.csv; the splits are X_train.csv and X_test.csv "
+                                        "beside it.")
+    ndata: Optional[int] = option(None, "Use the first N stories (default: all).")
+    train_fraction: float = option(0.9, "Share of the stories for training.")
+    split_random_seed: int = option(42, "Seed of the shuffle before the split.")
+    start_marker: str = option("<|startoftext|>", "Text put before each story.")
+    end_marker: str = option(END_OF_STORY, "Text put after each story.")
 
     def __post_init__(self):
         if not self.input_file:

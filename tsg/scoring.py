@@ -1,10 +1,10 @@
 """Scores of a model: exact held-out loss and bits per byte, and the quality of the stories it tells.
 
 Held-out scores (`data`: .txt with `<|endoftext|>` separator lines, or .csv/.json/.jsonl/.parquet with a
-`text` column; blank stories skipped) are exact sums over every story (or the first `--max_stories`): each
-story is tokenized as the trainer does (tsg.data.story_token_ids: text stripped, no BOS, the EOS token appended) and scored on its own
-(no packing). Every token is predicted, the first and the closing EOS included, so every byte is paid for:
-the first token from the EOS token alone as the start-of-story context (one forward pass of [EOS], the same
+`text` column; blank stories skipped) are exact sums over every story (or the first `max_stories`): each
+story is tokenized as the trainer does (tsg.data.story_token_ids: text stripped, no BOS, the EOS token
+appended) and scored on its own (no packing). Every token is predicted, the first and the closing EOS included,
+so every byte is paid for: the first token from the EOS token alone as the start-of-story context (one forward pass of [EOS], the same
 for every story), each later token from the story before it, at positions from 0 as in training (no EOS in
 that context: tsg's isolated and pad packing never put one before a story). A story longer than the model's
 context C is scored in windows of C tokens that start every C//2 tokens: each token is scored once, in the

@@ -20,12 +20,12 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from tsg import __version__
-from tsg.config import Command, run
+from tsg.config import Command, option, run
 from tsg.data import END_OF_STORY, iter_stories, read_stories
 from tsg.files import UserError, existing_file, read_lines, write_text
 from tsg.generation import (Settings, fit_to_context, load_model, looks_like_path, progress_bars_only_on_a_terminal,
@@ -41,25 +41,21 @@ logger = logging.getLogger("tsg")
 
 @dataclass
 class EvaluateArguments:
-    model: Optional[str] = field(default=None, metadata={
-        "help": "Folder saved by tsg train, an adapter run (adapter_config.json), or a hub name."})
-    data: Optional[str] = field(default=None, metadata={
-        "help": f"Held-out stories: .txt with {END_OF_STORY} separator lines, or .csv/.json/.jsonl/.parquet with a "
-                "text column."})
-    prompts: Optional[str] = field(default=None, metadata={
-        "help": "Story openings, one a line (default: tsg/metrics/prompts.txt)."})
-    output: Optional[str] = field(default=None, metadata={"help": f"The JSON report (default: MODEL/{REPORT_NAME})."})
-    max_stories: Optional[int] = field(default=None, metadata={"help": "Score only the first N stories of data."})
-    batch_size: int = field(default=8, metadata={"help": "Windows scored together, prompts told together."})
-    num_samples_per_prompt: int = field(default=5, metadata={
-        "help": "Stories told from each prompt (0: no generation scores)."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens told after each prompt."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    train_data: Optional[str] = field(default=None, metadata={
-        "help": "The training stories (any data format): the share of generated 8-grams copied from them."})
-    text_column: str = field(default="text", metadata={
-        "help": "The column that holds the stories in .csv/.json/.jsonl/.parquet files."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run (adapter_config.json), or a hub "
+                                  "name.")
+    data: Optional[str] = option(None, f"Held-out stories: .txt with {END_OF_STORY} separator lines, or "
+                                 f".csv/.json/.jsonl/.parquet with a text column.")
+    prompts: Optional[str] = option(None, "Story openings, one a line (default: tsg/metrics/prompts.txt).")
+    output: Optional[str] = option(None, f"The JSON report (default: MODEL/{REPORT_NAME}).")
+    max_stories: Optional[int] = option(None, "Score only the first N stories of data.")
+    batch_size: int = option(8, "Windows scored together, prompts told together.")
+    num_samples_per_prompt: int = option(5, "Stories told from each prompt (0: no generation scores).")
+    max_new_tokens: int = option(256, "Most tokens told after each prompt.")
+    seed: int = option(0, "Sampling seed.")
+    train_data: Optional[str] = option(None, "The training stories (any data format): the share of generated 8-grams "
+                                       "copied from them.")
+    text_column: str = option("text", "The column that holds the stories in .csv/.json/.jsonl/.parquet files.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
 
     def __post_init__(self):
         for name in ("model", "data"):
