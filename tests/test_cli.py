@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,11 +81,11 @@ def test_a_returned_report_is_not_an_exit_status(tmp_path, sample_stories):
 
 
 CONFIG_TEXTS = {
-    "json": '{"// what": "a comment", "model": "runs/x", "temperature": 0.7, "banned_words": ["dog", "cat"],'
+    "json": '{"// what": "a comment", "model": "roneneldan/TinyStories-1M", "temperature": 0.7, "banned_words": ["dog", "cat"],'
             ' "greedy": false, "num_return_sequences": 2}',
-    "yaml": "// what: a comment\nmodel: runs/x\ntemperature: 0.7\nbanned_words: [dog, cat]\ngreedy: false\n"
+    "yaml": "// what: a comment\nmodel: roneneldan/TinyStories-1M\ntemperature: 0.7\nbanned_words: [dog, cat]\ngreedy: false\n"
             "num_return_sequences: 2\n",
-    "toml": '"// what" = "a comment"\nmodel = "runs/x"\ntemperature = 0.7\nbanned_words = ["dog", "cat"]\n'
+    "toml": '"// what" = "a comment"\nmodel = "roneneldan/TinyStories-1M"\ntemperature = 0.7\nbanned_words = ["dog", "cat"]\n'
             "greedy = false\nnum_return_sequences = 2\n",
 }
 
@@ -94,8 +95,8 @@ def test_json_yaml_and_toml_read_alike_positionally_or_with_c(suffix, tmp_path):
     path = tmp_path / f"gen.{suffix}"
     path.write_text(CONFIG_TEXTS[suffix], encoding="utf-8")
     for argv in ([str(path)], ["-c", str(path)], ["--config", str(path)], [f"--config={path}"]):
-        options, settings = config.parse(GENERATE, argv + ["-n", "3", "--seed", "9"])
-        assert options.model == "runs/x" and settings.temperature == 0.7 and settings.banned_words == ["dog", "cat"]
+        model, _, settings = config.parse(GENERATE, argv + ["-n", "3", "--seed", "9"])
+        assert model.model == "roneneldan/TinyStories-1M" and settings.temperature == 0.7 and settings.banned_words == ["dog", "cat"]
         assert settings.do_sample and (settings.num_return_sequences, settings.seed) == (3, 9)  # the CLI wins
 
 
@@ -123,6 +124,31 @@ def test_bad_toml_is_one_line_naming_the_file(text, message, tmp_path, capsys):
     assert code == 2 and str(path) in line and message in line
 
 
+def test_values_may_start_with_a_dash(tmp_path):
+    """Dialogue in stories opens with a dash: such prompts and markers are values, on the command line and in files."""
+    hub = ["--model", "roneneldan/TinyStories-1M"]
+    _, options, settings = config.parse(GENERATE, hub + ["-q", "- Mom, can I go out?", "--end_marker", "--- END",
+                                                         "--temperature", "-1", "--do_sample", "false"])
+    assert (options.prompt, settings.end_marker, settings.temperature) == ("- Mom, can I go out?", "--- END", -1.0)
+    path = tmp_path / "gen.toml"
+    path.write_text('model = "roneneldan/TinyStories-1M"\nprompt = "-Hi"\nstart_marker = "-> "\n', encoding="utf-8")
+    _, options, settings = config.parse(GENERATE, [str(path)])
+    assert (options.prompt, settings.start_marker) == ("-Hi", "-> ")
+
+
+def test_an_error_names_where_the_value_came_from(tmp_path):
+    path = tmp_path / "gen.toml"
+    path.write_text('model = "roneneldan/TinyStories-1M"\ntop_p = 2.0\n', encoding="utf-8")
+    with pytest.raises(config.UserError, match=rf"^{re.escape(str(path))}: top_p: expected a number in \(0, 1\]"):
+        config.parse(GENERATE, [str(path)])
+    with pytest.raises(config.UserError, match=r"^command line: top_k: expected 0 \(off\)"):
+        config.parse(GENERATE, [str(path), "--top_p", "0.5", "--top_k", "-2"])
+    with pytest.raises(config.UserError, match=r"^command line: num_return_sequences: expected a positive integer"):
+        config.parse(GENERATE, [str(path), "--top_p", "0.5", "-n", "0"])
+    with pytest.raises(config.UserError, match=r"^command line: -c needs the name of a config file"):
+        config.parse(GENERATE, ["-c"])
+
+
 def test_positional_fields_and_stray_words():
     merge, = config.parse(MERGE, ["runs/a", "runs/b", "--atol", "0.01"])
     assert (merge.run_dir, merge.out_dir, merge.atol) == ("runs/a", "runs/b", 0.01)
@@ -134,10 +160,14 @@ def test_positional_fields_and_stray_words():
 
 def test_every_command_keeps_its_options_in_one_dataclass_each():
     """Each option is written once: as a dataclass field, whatever reads it (file, command line, help)."""
-    for command in (config.TRAIN, GENERATE, MERGE, PREPARE):
+    from tsg.bench import BENCH
+    from tsg.evaluate.__main__ import EVALUATE
+
+    for command in (config.TRAIN, GENERATE, MERGE, PREPARE, EVALUATE, BENCH):
         names = [f for cls in command.types for f in config.fields(cls)]
         assert len({f.name for f in names}) == len(names)  # no field twice
-        assert all(f.metadata.get("help") for cls in command.types[:1] for f in config.fields(cls))
+        tsg_fields = [f for cls in command.types if cls.__module__.startswith("tsg") for f in config.fields(cls)]
+        assert all(f.metadata.get("help") for f in tsg_fields)
 
 
 # --- the package ---

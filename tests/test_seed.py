@@ -122,7 +122,10 @@ def test_model_inference_toml_writes_the_output_file(seed_project, prepared_and_
     (('quantized = false', 'quantized = "no"'), "seed key quantized = 'no': expected true or false"),
     (('lora_peft = false', 'lora_peft = true'), "use_peft is true, but the folder holds no adapter_config.json"),
     (('device = "cpu"', 'device = "tpu"'), "device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (('quantized = false', 'ndata = 1000'), "unknown key 'ndata'"),
+    (('[hyper-parameters]', '[hyper-parameters]\nbatch = 2'), "unknown key 'batch'"),
+    (('quantized = false', 'ndata = 1000'), "seed key 'ndata' (of dataprep.toml) means nothing to tsg generate"),
+    (('quantized = false', 'max_seq_len = -1'), "seed key 'max_seq_len' (of model_finetune.toml) means nothing"),
+    (('quantized = false', 'temprature = 1'), "unknown key 'temprature' (did you mean 'temperature'?)"),
 ])
 def test_a_seed_key_that_means_nothing_here_is_a_clear_error(seed_project, prepared_and_trained, change, message,
                                                             capsys, monkeypatch, tmp_path):

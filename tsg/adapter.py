@@ -40,7 +40,10 @@ def adapter_base(run_dir: Path) -> str:
 
     if not is_adapter_run(run_dir):
         raise UserError(f"{run_dir}: no adapter_config.json (not an adapter run)")
-    base = PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+    try:
+        base = PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{run_dir}/adapter_config.json: not a peft adapter config ({one_line(e, 200)})") from None
     if not base:
         raise UserError(f"{run_dir}/adapter_config.json names no base_model_name_or_path")
     return base
@@ -98,9 +101,12 @@ def _merge(run_dir: Path, out_dir: Path, atol: float, rtol: float, base: str | N
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(f"{run_dir}: its base model {base!r} could not be loaded ({one_line(e, 200)})") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir))
+        adapted = PeftModel.from_pretrained(model, str(run_dir)).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{run_dir}: the adapter or its tokenizer could not be loaded ({one_line(e, 200)})") from None
     ids = tokenizer(PROBE, return_tensors="pt").input_ids
-    adapted = PeftModel.from_pretrained(model, str(run_dir)).eval()
     adapter_logits = _logits(adapted, ids)
     merged = adapted.merge_and_unload()
     merged_logits = _logits(merged, ids)
@@ -121,10 +127,13 @@ def _merge(run_dir: Path, out_dir: Path, atol: float, rtol: float, base: str | N
             _quantized_gap(run_dir, base, quantization, ids, merged_logits) if quantization else None
         ),
     }
-    with replaced_atomically(out_dir) as tmp:  # never a half-written model where out_dir belongs
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    try:
+        with replaced_atomically(out_dir) as tmp:  # never a half-written model where out_dir belongs
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{out_dir}: the merged model could not be written ({e.strerror or e})") from None
     return report
 
 
@@ -136,7 +145,11 @@ def merged_model_dir(run_dir: str | Path, base: str | None = None) -> Path:
     adapter = run_dir / "adapter_model.safetensors"
     report = out / REPORT_NAME
     if report.is_file() and (not adapter.is_file() or report.stat().st_mtime >= adapter.stat().st_mtime):
-        if base is None or json.loads(report.read_text(encoding="utf-8")).get("base_model") == base:
+        try:
+            merged_base = json.loads(report.read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError):  # an unreadable report: merge again
+            merged_base = None
+        if merged_base is not None and base in (None, merged_base):
             return out
     logger.info("merging the adapter of %s into %s", run_dir, out)
     merge(run_dir, out, base=base)

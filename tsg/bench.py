@@ -50,7 +50,7 @@ from typing import Literal, Optional
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
 from tsg import __version__, data, generation, model as models  # isort: skip
 from tsg.config import Command, StoryArguments, option, parse_args, run as run_command  # isort: skip
-from tsg.files import existing_file, read_lines, write_text  # isort: skip
+from tsg.files import UserError, existing_file, read_lines, write_text  # isort: skip
 from tsg.model import build_config, context_length  # isort: skip
 from tsg.scoring import DEFAULT_PROMPTS  # isort: skip
 from tsg.trainer import build_trainer  # isort: skip
@@ -247,7 +247,7 @@ def throughput(steps: list[tuple[float, int, int]], warmup: int) -> dict:
 
 def config_trainer(work: Path, name: str, data_file: str, tokenizer_dir: Path, sizes: Sizes, *overrides: str,
                    config: Path = TINY_CPU):
-    """tsg's Trainer as `tsg.train` builds it from `config` (tiny_cpu.json), with the bench's overrides: the
+    """tsg's Trainer as `tsg.trainer.build_trainer` builds it from `config` (tiny_cpu.json), with the bench's overrides: the
     stories, the tokenizer trained once, no evaluation or checkpoints, and warmup + timed steps. Its collator
     counts tokens and a StepClock times the steps."""
     argv = [str(config), "--train_file", data_file, "--validation_file", "none", "--validation_split_percentage", "0",
@@ -448,7 +448,7 @@ def measure_pipeline(stories: datasets.DatasetDict, tokenizer, block_size: int) 
 
 
 def build_tiny_cpu_model(tokenizer, tokenizer_dir: Path, folder: Path) -> Path:
-    """tiny_cpu.json's model with random weights, saved with the tokenizer (what tsg.generate loads)."""
+    """tiny_cpu.json's model with random weights, saved with the tokenizer (what tsg.generation.load_model loads)."""
     args, _ = parse_args([str(TINY_CPU), "--tokenizer_name", str(tokenizer_dir), "--output_dir", str(folder)])
     torch.manual_seed(0)
     models.load_model(args, tokenizer).save_pretrained(folder)
@@ -779,7 +779,7 @@ class BenchArguments:
         existing_file(self.data, "data")
 
 
-BENCH = Command(name="bench", types=(BenchArguments,), description=__doc__.split("\n\n")[0])
+BENCH = Command(name="bench", types=(BenchArguments,), description=__doc__)
 
 
 def bench(options: BenchArguments) -> dict:
@@ -792,7 +792,10 @@ def bench(options: BenchArguments) -> dict:
     sizes = TINY if options.tiny else FULL
     with tempfile.TemporaryDirectory(prefix="tsg-bench-") as work:
         results = run_bench(options.data, sizes, options.only, Path(work))
-    write_text(options.output, json.dumps(results, indent=2, default=str) + "\n")
+    try:
+        write_text(options.output, json.dumps(results, indent=2, default=str) + "\n")
+    except OSError as e:
+        raise UserError(f"output {options.output}: cannot write ({e.strerror or e})") from None
     print("\n" + table(results) + "\n", flush=True)
     say(f"wrote {options.output} ({results['seconds']:.0f} s)")
     return results

@@ -116,8 +116,13 @@ class SampleStoriesCallback(TrainerCallback):
     # --- Trainer events ---
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Stop before training on a prompt that fills the model's context; shorten the stories to fit it."""
-        context = context_length(model.config) if model is not None else None
+        if model is not None:
+            self.fit_to(model)
+
+    def fit_to(self, model) -> None:
+        """Stop on a prompt that fills the model's context; shorten the stories to fit it. tsg's trainer calls this
+        as it builds the run, before anything is written."""
+        context = context_length(model.config)
         if context is None:
             return
         start = self.settings.start_marker

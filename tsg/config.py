@@ -61,6 +61,17 @@ def option(default, help: str, **metadata):
 
 # --- the seed project's keys ---
 
+# Every key of the seed project's three config files: one given to a command that has no use for it is an error
+# that says where it belongs.
+SEED_FILES = {
+    "dataprep.toml": ("ndata", "train_fraction", "split_random_seed", "input_name", "starter", "ender", "outname"),
+    "model_finetune.toml": ("input_file", "lora_peft", "model_folder", "save_per_epoch", "max_seq_len", "model_name",
+                            "device"),
+    "model_inference.toml": ("output_file", "lora_peft", "model_folder", "model_name", "quantized", "device",
+                             "starter", "ender", "max_new_tokens", "temperature", "top_k", "top_p",
+                             "repetition_penalty", "length_penalty", "bad_words"),
+}
+
 
 @dataclass(frozen=True)
 class SeedKey:
@@ -98,7 +109,7 @@ class Command:
 
     name: str  # the subcommand: `tsg <name>`
     types: tuple  # the dataclasses of its options, filled in this order
-    description: str = ""
+    description: str = ""  # the command's docstring: what it does and examples, shown by --help
     positional: tuple[str, ...] = ()  # fields that the words before the first option fill, in order
     seed_keys: Mapping[str, SeedKey] = field(default_factory=dict)
     sections: tuple[str, ...] = ()  # tables whose keys count as top-level keys (the seed's [hyper-parameters])
@@ -111,18 +122,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Help with each option's default, and the description's lines as written."""
 
 
+class _ArgumentError(UserError):
+    """A value the parser could not read (wrong type, bad choice)."""
+
+
 class _Parser(HfArgumentParser):
     """HfArgumentParser whose errors are exceptions, not a usage screen and an exit."""
 
     def error(self, message):
         match = re.fullmatch(r"argument (?:-\w+, )?--([\w-]+)(?:/\S+)?: (.*)", message, flags=re.S)
-        raise UserError(f"{match.group(1).replace('-', '_')}: {match.group(2)}" if match else message)
+        raise _ArgumentError(f"{match.group(1).replace('-', '_')}: {match.group(2)}" if match else message)
 
 
 def build_parser(command: Command) -> _Parser:
     usage = " ".join(["tsg", command.name, *(name.upper() for name in command.positional), "[CONFIG]",
                       "[--key value ...]"])
-    parser = _Parser(command.types, prog=f"tsg {command.name}", usage=usage, description=command.description,
+    description = re.sub(r"^`tsg \w+`: (\w)", lambda m: m.group(1).upper(), command.description.strip())
+    parser = _Parser(command.types, prog=f"tsg {command.name}", usage=usage, description=description,
                      allow_abbrev=False, formatter_class=_HelpFormatter,
                      epilog="CONFIG: a JSON, YAML or TOML file of these options (keys without dashes; `//` keys are "
                      "comments), given first or with -c/--config; the command line overrides it.")
@@ -200,9 +216,17 @@ def file_values(command: Command, path: str) -> dict:
                     continue
                 name, item = command.flags[f"--{name}"][:2]
             if name not in known:
-                raise _unknown_key(name, path, [*known, *command.seed_keys, *(f[2:] for f in command.flags)])
+                raise _unknown_seed_key(name, path, command) or _unknown_key(
+                    name, path, [*known, *command.seed_keys, *(f[2:] for f in command.flags)])
             values[name] = item
     return values
+
+
+def _unknown_seed_key(key: str, path: str, command: Command) -> Optional[UserError]:
+    files = [name for name, keys in SEED_FILES.items() if key in keys]
+    if not files:
+        return None
+    return UserError(f"{path}: seed key '{key}' (of {' and '.join(files)}) means nothing to tsg {command.name}")
 
 
 def _read_seed_key(seed: SeedKey, key: str, value, path: str) -> tuple[str, Any]:
@@ -226,9 +250,9 @@ def to_words(values: dict, source: str) -> list[str]:
                 raise UserError(f"{source}: {key}: expected a list of plain values, got {value!r}")
             words += [f"--{key}", *map(str, value)] if value else []
         elif isinstance(value, dict):
-            words += [f"--{key}", json.dumps(value)]
-        else:
-            words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+            words.append(f"--{key}={json.dumps(value)}")
+        else:  # one word, so that a value starting with a dash is not read as an option
+            words.append(f"--{key}={str(value).lower() if isinstance(value, bool) else value}")
     return words
 
 
@@ -240,7 +264,9 @@ def split_command_line(command: Command, argv: list[str]) -> tuple[Optional[str]
     .json/.yaml/.yml/.toml file; the other words before the first option fill `command.positional`."""
     argv, config = list(argv), None
     for i, word in enumerate(argv):
-        if word in ("-c", "--config") and i + 1 < len(argv):
+        if word in ("-c", "--config") and i + 1 == len(argv):
+            raise UserError(f"command line: {word} needs the name of a config file")
+        if word in ("-c", "--config"):
             config = argv[i + 1]
             del argv[i:i + 2]
             break
@@ -268,6 +294,8 @@ def check_option_words(command: Command, words: list[str]) -> None:
     names = set(known) | {f"no_{n}" for n, f in known.items() if f.type in (bool, "bool")} | {"help"}
     aliases = {a for f in known.values() for a in f.metadata.get("aliases", [])} | {"-h"}
     for word in words:
+        if " " in word:  # a value (argparse reads a word with a space as one, dash or not: "- Mom, can I?")
+            continue
         if word.startswith("--"):
             key = word[2:].split("=", 1)[0].replace("-", "_")
             if key not in names and word.split("=", 1)[0] not in command.flags:
@@ -287,23 +315,39 @@ def _is_number(word: str) -> bool:
 def parse(command: Command, argv: list[str]) -> tuple:
     """The command's dataclasses from `[CONFIG] [POSITIONAL ...] [--key value ...]` (see the module doc)."""
     config, cli = split_command_line(command, argv)
-    source = config or "command line"
-    file_words = to_words(file_values(command, config), config) if config else []
+    values = file_values(command, config) if config else {}
+    file_words = to_words(values, config) if config else []
     check_option_words(command, cli)
     parser = build_parser(command)
     try:  # the file on its own first, so that its errors name the file
         parser.parse_known_args(file_words)
     except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+        raise UserError(f"{config}: {e}") from None
     words = (command.defaults(config) if command.defaults else []) + file_words + cli
     try:
         if command.adjust:
             words += command.adjust(parser.parse_known_args(words)[0])
         return parser.parse_args_into_dataclasses(args=words)
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
-    except ValueError as e:  # a dataclass's own check (TrainingArguments.__post_init__) refuses a combination
-        raise UserError(f"{source}: {' '.join(str(e).split())}") from None
+    except _ArgumentError as e:  # the file's words parsed on their own: this one is the command line's
+        raise UserError(f"command line: {e}") from None
+    except ValueError as e:  # a dataclass's own check (TrainingArguments.__post_init__) refuses a value
+        message = " ".join(str(e).split())
+        raise UserError(_blamed(command, message, cli, config) + message) from None
+
+
+def _blamed(command: Command, message: str, cli: list[str], config: Optional[str]) -> str:
+    """Where the value a check refused came from, as the start of its message: the command line when it set the key
+    the message opens with, else the config file when there is one (a message about a file names it already)."""
+    match = re.match(r"-*(\w+)", message)
+    key = match.group(1) if match else None
+    names = field_names(command)
+    aliases = {alias: name for name, f in names.items() for alias in f.metadata.get("aliases", [])}
+    aliases.update({flag: name for flag, (name, *_) in command.flags.items()})
+    set_here = {aliases.get(word, word.split("=", 1)[0].lstrip("-").replace("-", "_")) for word in cli
+                if word.startswith("-") and " " not in word}
+    if key in names and (key in set_here or not config):
+        return "command line: "
+    return f"{config}: " if config else ""
 
 
 # --- running a command ---
@@ -338,12 +382,9 @@ def run(command: Command, function: Callable, argv: Optional[list[str]] = None):
     log_to_stderr(command.name)
     try:
         return function(*parse(command, sys.argv[1:] if argv is None else list(argv)))
-    except UserError as e:
+    except (UserError, RunError) as e:
         print(f"tsg {command.name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except RunError as e:
-        print(f"tsg {command.name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 # --- tsg train: the run config ---
@@ -524,7 +565,10 @@ def _fp32_on_cpu(namespace: argparse.Namespace) -> list[str]:
 TRAIN = Command(
     name="train",
     types=(StoryArguments, TrainingArguments),
-    description="Train a causal LM on stories, or fine-tune one, with the Hugging Face Trainer under Accelerate.",
+    description="Train a causal LM on stories, or fine-tune one, with the Hugging Face Trainer under Accelerate.\n\n"
+                "    tsg train configs/tiny_cpu.json --max_steps 20          # the command line overrides the file\n"
+                "    accelerate launch tsg/train.py configs/tiny_cpu.json    # the same under any launcher\n"
+                "    tsg train -c model_finetune.toml                        # a seed project config",
     seed_keys={
         "input_file": SeedKey("train_file"),
         "lora_peft": SeedKey("use_peft"),

@@ -35,9 +35,15 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():  # a rename cannot replace a folder that holds files
+        moved = tmp.is_dir() and path.is_dir()  # a rename cannot replace a folder that holds files
+        if moved:
             path.rename(old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if moved:
+                old.rename(path)
+            raise
     finally:
         for leftover in (tmp, old):
             if leftover.is_dir():

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Optional
 
 from tsg.config import Command, SeedKey, option, run, seed_bool
 from tsg.files import UserError, read_lines
-from tsg.generation import (Settings, banned_token_sequences, check_output_path, fit_to_context,
-                            load_model, progress_bars_only_on_a_terminal, prompt_texts, tell_stories, write_stories)
+from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, progress_bars_only_on_a_terminal,
+                            prompt_texts, tell_stories, write_stories)
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -30,37 +30,31 @@ logger = logging.getLogger("tsg")
 
 @dataclass
 class GenerateArguments:
-    """Which model, which prompts, where the stories go (Settings holds how they are told)."""
+    """Which prompts, and where the stories go (ModelArguments: which model; Settings: how they are told)."""
 
-    model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run, or a hub name.")
-    base_model: Optional[str] = option(None, "An adapter run's base model (default: the one its adapter names).")
-    use_peft: Optional[bool] = option(None, "true: model must be an adapter run; false: must not (default: either).")
     prompt: Optional[str] = option(None, f"How the story starts (default: {DEFAULT_PROMPT!r} unless prompts_file gives "
                                    f"prompts; with it, this prompt comes first).", aliases=["-q"])
     prompts_file: Optional[str] = option(None, "Text file of prompts, one a line (blank lines skipped).")
     banned_words_file: Optional[str] = option(None, "Text file of banned words, one a line (added to banned_words).")
-    quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the weights in 8 or 4 bits (bitsandbytes).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     compile: bool = option(False, "Static KV cache and torch.compile'd decoding steps: a one-time compile (tens of "
                            "seconds on a CPU), then faster tokens; pays off for long stories or many prompts.")
     output: Optional[str] = option(None, "Also write the stories, a row each with the settings, to FILE.csv or .jsonl.")
 
     def __post_init__(self):
-        if not self.model:
-            raise UserError("model: required (a folder saved by tsg train, an adapter run or a hub name)")
         if self.output:
             check_output_path(self.output)
 
 
 GENERATE = Command(
     name="generate",
-    types=(GenerateArguments, Settings),
-    description=__doc__.split("\n\n")[0],
+    types=(ModelArguments, GenerateArguments, Settings),
+    description=__doc__,
     seed_keys={
         "model_folder": SeedKey("model"),
         "model_name": SeedKey("base_model"),
         "lora_peft": SeedKey("use_peft"),
         "quantized": SeedKey("quantization", seed_bool("quantized", "8bit", "none")),
+        "device": SeedKey("device", lambda value: "cuda" if str(value).lower() == "gpu" else value),
         "output_file": SeedKey("output"),
         "starter": SeedKey("start_marker"),
         "ender": SeedKey("end_marker"),
@@ -80,16 +74,14 @@ def read_prompts(options: GenerateArguments) -> list[str]:
     return prompts
 
 
-def generate(options: GenerateArguments, settings: Settings) -> None:
+def generate(model_args: ModelArguments, options: GenerateArguments, settings: Settings) -> None:
     """Check every input, load the model, tell the stories, print them and write them where asked."""
     if options.banned_words_file:
         words = read_lines(options.banned_words_file, "banned_words_file")
         settings = replace(settings, banned_words=[*settings.banned_words, *words])
     prompts = read_prompts(options)
     with progress_bars_only_on_a_terminal():
-        model, tokenizer = load_model(options.model, options.quantization, options.device, options.base_model,
-                                      options.use_peft)
-    banned_token_sequences(tokenizer, settings.banned_words)  # a word that cannot be banned stops here
+        model, tokenizer = model_args.load()
     settings = fit_to_context(model, tokenizer, prompts, settings)
     stream = (not options.output and len(prompts) == 1 and settings.num_return_sequences == 1
               and settings.num_beams == 1)
@@ -99,7 +91,7 @@ def generate(options: GenerateArguments, settings: Settings) -> None:
             where = f" (prompt {story.prompt!r}, {story.number})" if len(prompts) > 1 else ""
             print(f"--- story {i}{where} ---\n{story.text}\n", flush=True)
     if options.output:
-        record = {"model": options.model, "quantization": options.quantization, "device": str(model.device),
+        record = {"model": model_args.model, "quantization": model_args.quantization, "device": str(model.device),
                   **settings.record()}
         try:
             path = write_stories(options.output, stories, record)

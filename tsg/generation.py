@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig, TextStreamer, set_seed
@@ -117,6 +118,27 @@ class Story:
 # --- the model ---
 
 
+@dataclass
+class ModelArguments:
+    """Which model tells the stories, and how it is loaded (tsg generate's and tsg evaluate's options)."""
+
+    model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run, or a hub name.")
+    base_model: Optional[str] = option(None, "An adapter run's base model (default: the one its adapter names).")
+    use_peft: Optional[bool] = option(None, "true: model must be an adapter run; false: must not (default: either).")
+    quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the weights in 8 or 4 bits (bitsandbytes).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+
+    def __post_init__(self):
+        if not self.model:
+            raise UserError("model: required (a folder saved by tsg train, an adapter run or a hub name)")
+        check_model_name(self.model, self.use_peft)
+        pick_device(self.device)
+
+    def load(self):
+        """(model, tokenizer): see load_model."""
+        return load_model(self.model, self.quantization, self.device, self.base_model, self.use_peft)
+
+
 def looks_like_path(name: str) -> bool:
     """Whether `name` means a local folder rather than a hub name (`gpt2`, `org/model`)."""
     if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/"):
@@ -126,27 +148,33 @@ def looks_like_path(name: str) -> bool:
     return "/" in name and Path(name.split("/")[0]).is_dir()
 
 
-def resolve_model_dir(name: str, base_model: str | None = None, use_peft: bool | None = None) -> str:
-    """The folder or hub name to load: an adapter run becomes its merged folder (merged into `base_model` when given,
-    else into the base its adapter names); a missing local folder is an error. `use_peft` true or false says that
-    the folder must (or must not) be an adapter run."""
+def check_model_name(name: str, use_peft: bool | None = None) -> Path | None:
+    """The local folder `name` names (None: a hub name), checked to hold a model or an adapter run (and to be an
+    adapter run, or not, when `use_peft` says so); a missing local folder is an error."""
     path = Path(name).expanduser()
     if path.is_dir():
         is_adapter = adapter.is_adapter_run(path)
         if use_peft is not None and use_peft != is_adapter:
             raise UserError(f"{name}: use_peft is {str(use_peft).lower()}, but the folder "
                             f"{'holds' if is_adapter else 'holds no'} adapter_config.json")
-        if is_adapter:
-            return str(adapter.merged_model_dir(path, base_model))
-        if not (path / "config.json").is_file():
+        if not is_adapter and not (path / "config.json").is_file():
             raise UserError(f"{name}: not a model folder (no config.json, nor adapter_config.json for an "
                             "adapter run)")
-        return str(path)
+        return path
     if path.exists():
         raise UserError(f"{name}: not a folder")
     if looks_like_path(name):
         raise UserError(f"{name}: no such folder")
-    return name
+    return None
+
+
+def resolve_model_dir(name: str, base_model: str | None = None, use_peft: bool | None = None) -> str:
+    """The folder or hub name to load: an adapter run becomes its merged folder (merged into `base_model` when given,
+    else into the base its adapter names)."""
+    path = check_model_name(name, use_peft)
+    if path is not None and adapter.is_adapter_run(path):
+        return str(adapter.merged_model_dir(path, base_model))
+    return name if path is None else str(path)
 
 
 def pick_device(device: str) -> str:
@@ -172,7 +200,7 @@ def load_model(name: str, quantization: str = "none", device: str = "auto", base
     device = pick_device(device)
     folder = resolve_model_dir(name, base_model, use_peft)
     quantize = quantization_config(not device.startswith("cuda"), load_in_8bit=quantization == "8bit",
-                                   load_in_4bit=quantization == "4bit")
+                                   load_in_4bit=quantization == "4bit", bnb_4bit_use_double_quant=False)
     if quantization == "8bit":
         # bitsandbytes casts each fp32 activation to fp16 and logs it at every layer call: an expected step here
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -33,7 +33,7 @@ class MergeArguments:
                 raise UserError(f"{name}: required (tsg merge RUN_DIR OUT_DIR)")
 
 
-MERGE = Command(name="merge", types=(MergeArguments,), description=__doc__.split("\n\n")[0],
+MERGE = Command(name="merge", types=(MergeArguments,), description=__doc__,
                 positional=("run_dir", "out_dir"))
 
 

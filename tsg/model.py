@@ -8,7 +8,7 @@ unless `tokenizer_name` names one.
 QLoRA follows the known-good recipe: `BitsAndBytesConfig`, each process loading its copy on its own
 device, `prepare_model_for_kbit_training` (input gradients on, non-reentrant checkpointing), then
 `get_peft_model`. Adapters record their base model as an absolute path when it is a local folder, so
-that `tsg.merge` finds it from anywhere.
+that `tsg.adapter` finds it from anywhere.
 """
 
 from __future__ import annotations

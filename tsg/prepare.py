@@ -42,6 +42,8 @@ class PrepareArguments:
                             "one of them")
         if self.output_file and Path(self.output_file).suffix.lower() != ".csv":
             raise UserError(f"output_file {self.output_file}: expected a .csv file name")
+        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UserError(f"output_dir {self.output_dir}: not a folder")
         if self.ndata is not None and self.ndata < 1:
             raise UserError(f"ndata: expected a positive number of stories, got {self.ndata}")
         if not 0 < self.train_fraction <= 1:
@@ -58,7 +60,7 @@ class PrepareArguments:
 PREPARE = Command(
     name="prepare",
     types=(PrepareArguments,),
-    description=__doc__.split("\n\n")[0],
+    description=__doc__,
     positional=("input_file", "output_dir"),
     seed_keys={"input_name": SeedKey("input_file"), "outname": SeedKey("output_file"),
                "starter": SeedKey("start_marker"), "ender": SeedKey("end_marker")},
@@ -70,11 +72,14 @@ def prepare(options: PrepareArguments) -> dict[str, int]:
     splits = split_stories(options.input_file, options.ndata, options.train_fraction, options.split_random_seed,
                            options.start_marker, options.end_marker)
     for name, path in options.outputs().items():
-        if name in splits:
-            with replaced_atomically(path) as tmp:
-                splits[name].to_csv(str(tmp), index=False)
-        else:  # no stale held-out file from an earlier run beside the new training file
-            path.unlink(missing_ok=True)
+        try:
+            if name in splits:
+                with replaced_atomically(path) as tmp:
+                    splits[name].to_csv(str(tmp), index=False)
+            else:  # no stale held-out file from an earlier run beside the new training file
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     counts = {name: len(splits[name]) if name in splits else 0 for name in ("train", "test")}
     written = " and ".join(str(path) for name, path in options.outputs().items() if counts[name])
     logger.info("%s training and %s held-out stories: %s", f"{counts['train']:,}", f"{counts['test']:,}", written)

@@ -68,7 +68,7 @@ DEFINITIONS = {
     "repeated_4gram_share": "pooled over the stories: 4-grams that repeat an earlier 4-gram of the same story / "
                             "all 4-grams",
     "copied_8gram_share": "pooled: generated 8-grams (each occurrence) found verbatim in a training story "
-                          "(the training stories, same words) / all generated 8-grams; null without them",
+                          "(train_data, same words) / all generated 8-grams; null without train_data",
 }
 
 

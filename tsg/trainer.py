@@ -6,7 +6,8 @@ a saved model folder.
 
 The output folder (`output_dir`) ends up holding a model and tokenizer that `AutoModelForCausalLM` /
 `AutoTokenizer.from_pretrained` load, `run_config.json` (the resolved config and the versions it ran with),
-checkpoints and metrics. Nothing is written there before the config, the stories and the model have loaded.
+checkpoints and metrics. Nothing but a tokenizer trained here is written there before the config, the stories and
+the model have loaded.
 """
 
 from __future__ import annotations
@@ -230,8 +231,10 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
 
         trainer.add_callback(WandbConfigCallback(args))
         if args.sample_steps:
-            trainer.add_callback(SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
-                                                       args.sample_max_new_tokens))
+            sampling = SampleStoriesCallback(tokenizer, args.sample_prompts, args.sample_steps,
+                                             args.sample_max_new_tokens)
+            sampling.fit_to(model)
+            trainer.add_callback(sampling)
     return trainer
 
 

@@ -28,8 +28,8 @@ from tsg import __version__
 from tsg.config import Command, option, run
 from tsg.data import END_OF_STORY, iter_stories, read_stories
 from tsg.files import UserError, existing_file, read_lines, write_text
-from tsg.generation import (Settings, fit_to_context, load_model, looks_like_path, progress_bars_only_on_a_terminal,
-                            resolve_model_dir, tell_stories)
+from tsg.generation import (ModelArguments, Settings, fit_to_context, looks_like_path,
+                            progress_bars_only_on_a_terminal, tell_stories)
 from tsg.model import context_length
 from tsg.scoring import DEFAULT_PROMPTS, DEFINITIONS, SCORE_KEYS, generation_scores, score_stories
 
@@ -41,8 +41,6 @@ logger = logging.getLogger("tsg")
 
 @dataclass
 class EvaluateArguments:
-    model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run (adapter_config.json), or a hub "
-                                  "name.")
     data: Optional[str] = option(None, f"Held-out stories: .txt with {END_OF_STORY} separator lines, or "
                                  f".csv/.json/.jsonl/.parquet with a text column.")
     prompts: Optional[str] = option(None, "Story openings, one a line (default: tsg/metrics/prompts.txt).")
@@ -55,12 +53,13 @@ class EvaluateArguments:
     train_data: Optional[str] = option(None, "The training stories (any data format): the share of generated 8-grams "
                                        "copied from them.")
     text_column: str = option("text", "The column that holds the stories in .csv/.json/.jsonl/.parquet files.")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
 
     def __post_init__(self):
-        for name in ("model", "data"):
-            if not getattr(self, name):
-                raise UserError(f"{name}: required")
+        if not self.data:
+            raise UserError("data: required (the held-out stories)")
+        existing_file(self.data, "data")
+        if self.train_data:
+            existing_file(self.train_data, "train_data")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -72,17 +71,17 @@ class EvaluateArguments:
             raise UserError(f"output {self.output}: is a folder")
 
 
-EVALUATE = Command(name="evaluate", types=(EvaluateArguments,), description=__doc__.split("\n\n")[0])
+EVALUATE = Command(name="evaluate", types=(ModelArguments, EvaluateArguments), description=__doc__)
 
 
-def report_path(options: EvaluateArguments) -> Path:
+def report_path(model_args: ModelArguments, options: EvaluateArguments) -> Path:
     if options.output:
         return Path(options.output)
-    model = Path(options.model).expanduser()
+    model = Path(model_args.model).expanduser()
     if not model.is_dir():
-        if looks_like_path(options.model) or model.exists():
-            raise UserError(f"{options.model}: no such folder")
-        raise UserError(f"output: required when model is a hub name ({options.model})")
+        if looks_like_path(model_args.model) or model.exists():
+            raise UserError(f"{model_args.model}: no such folder")
+        raise UserError(f"output: required when model is a hub name ({model_args.model})")
     return model / REPORT_NAME
 
 
@@ -94,18 +93,16 @@ def told_settings(options: EvaluateArguments) -> Settings:
                     batch_size=options.batch_size)
 
 
-def evaluate(options: EvaluateArguments) -> dict:
+def evaluate(model_args: ModelArguments, options: EvaluateArguments) -> dict:
     """Check the inputs, score the model, write and print the report."""
-    output = report_path(options)
+    output = report_path(model_args, options)
     started = time.monotonic()
     progress = sys.stderr.isatty()
     prompts = read_lines(options.prompts or DEFAULT_PROMPTS, "prompts") if options.num_samples_per_prompt else []
-    resolve_model_dir(options.model)  # a missing model stops here, before the stories are read
-    texts, blank = read_stories(str(existing_file(options.data, "data")), options.max_stories, options.text_column)
-    train_texts = (iter_stories(str(existing_file(options.train_data, "train_data")), options.text_column)
-                   if options.train_data else None)
+    texts, blank = read_stories(options.data, options.max_stories, options.text_column)
+    train_texts = iter_stories(options.train_data, options.text_column) if options.train_data else None
     with progress_bars_only_on_a_terminal():
-        model, tokenizer = load_model(options.model, device=options.device)
+        model, tokenizer = model_args.load()
     settings = told_settings(options)
     if prompts:  # a prompt longer than the context stops here, before the scoring
         settings = fit_to_context(model, tokenizer, prompts, settings)
@@ -121,7 +118,7 @@ def evaluate(options: EvaluateArguments) -> dict:
     report = {
         "bits_per_byte": held_out.bits_per_byte, "eval_loss": held_out.eval_loss, "perplexity": held_out.perplexity,
         **{key: scores[key] for key in SCORE_KEYS[3:]},
-        **held_out_figures(options, held_out, blank, context_length(model.config)),
+        **held_out_figures(model_args.model, options, held_out, blank, context_length(model.config)),
         "generated_stories": len(told), "prompts": len(prompts), "train_data": options.train_data,
         "settings": report_settings(options, settings, prompts, str(model.device)),
         "definitions": DEFINITIONS,
@@ -138,8 +135,8 @@ def evaluate(options: EvaluateArguments) -> dict:
     return report
 
 
-def held_out_figures(options: EvaluateArguments, held_out, blank: int, context: int | None) -> dict:
-    return {"model": options.model, "data": options.data, "stories": held_out.stories, "tokens": held_out.tokens,
+def held_out_figures(model: str, options: EvaluateArguments, held_out, blank: int, context: int | None) -> dict:
+    return {"model": model, "data": options.data, "stories": held_out.stories, "tokens": held_out.tokens,
             "predicted_tokens": held_out.predicted_tokens, "bytes": held_out.bytes, "nll_nats": held_out.nll,
             "first_token_nll_nats": held_out.first_token_nll,
             "loss_after_first_token": held_out.loss_after_first_token, "long_stories": held_out.long_stories,

@@ -3,7 +3,7 @@
 A self-contained `evaluate` metric module (it imports nothing from tsg), loaded by path, offline:
 
     import evaluate
-    scores = evaluate.load("tsg/metrics/story_scores")          # or tsg.evaluate.load_story_scores()
+    scores = evaluate.load("tsg/metrics/story_scores")          # or tsg.scoring.load_story_scores()
     scores.compute(predictions=["the cat sat on the mat", ...],
                    eos_reached=[True, ...], lengths=[7, ...], train_texts=["...", ...])
 
@@ -24,10 +24,10 @@ _DESCRIPTION = __doc__
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (list of str): the generated stories (tsg.evaluate passes the continuations, prompts left out).
+    predictions (list of str): the generated stories (tsg.scoring passes the continuations, prompts left out).
     references: not used (stories are scored on their own); accepted so that the usual call shape works.
     eos_reached (list of bool, optional): whether each story reached the end-of-story token within its budget.
-    lengths (list of int, optional): the generated tokens of each story (tsg.evaluate: tokens before the
+    lengths (list of int, optional): the generated tokens of each story (tsg.scoring: tokens before the
         end-of-story token).
     train_texts (iterable of str, optional): the training stories, for copied_8gram_share; streamed once, so a
         generator over a large file works (only the generated stories' 8-grams are held in memory).
