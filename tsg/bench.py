@@ -34,6 +34,7 @@ import contextlib
 import gc
 import io
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -147,9 +148,15 @@ def say(message: str) -> None:
 
 @contextlib.contextmanager
 def quiet():
-    """Builds print what they built (tsg's start-up lines): not in the bench's progress."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """Builds say what they built (tsg's start-up lines, the Trainer's output): not in the bench's progress."""
+    tsg_logger = logging.getLogger("tsg")
+    level = tsg_logger.level
+    tsg_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tsg_logger.setLevel(level)
 
 
 def best(runs: list[dict], key: str) -> dict:
