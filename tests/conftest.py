@@ -121,6 +121,19 @@ def accelerate_launch_cmd() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+def run_tsg(argv, capsys) -> tuple[int, str, str]:
+    """`tsg ARGV` in-process -> (exit code, stdout, stderr)."""
+    from tsg import cli
+
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def error_line(stderr: str, command: str) -> str:
     """The one error line a command printed, `tsg <command>: error: ...`, checked to be the last line of stderr,
     the only error line, and with no traceback before it (progress lines may precede it)."""

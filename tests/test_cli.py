@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, error_line, python_env
+from conftest import REPO, error_line, python_env, run_tsg
 
 from tsg import cli, config
 from tsg.generate import GENERATE
@@ -20,30 +20,20 @@ from tsg.merge import MERGE
 from tsg.prepare import PREPARE
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 # --- one command ---
 
 
 def test_tsg_help_lists_every_command_with_one_line(capsys):
-    code, out, _ = run_cli(["--help"], capsys)
+    code, out, _ = run_tsg(["--help"], capsys)
     assert code == 0
     listed = [line.split()[0] for line in out.split("commands:")[1].strip().splitlines()[:len(cli.COMMANDS)]]
     assert listed == list(cli.COMMANDS) == ["prepare", "train", "merge", "generate", "evaluate", "bench"]
-    assert run_cli([], capsys)[1] == out  # no command: the same list
+    assert run_tsg([], capsys)[1] == out  # no command: the same list
 
 
 @pytest.mark.parametrize("name", list(cli.COMMANDS))
 def test_each_command_help_shows_its_options_with_defaults(name, capsys):
-    code, out, _ = run_cli([name, "--help"], capsys)
+    code, out, _ = run_tsg([name, "--help"], capsys)
     assert code == 0 and out.startswith(f"usage: tsg {name}")
     assert "-c CONFIG, --config CONFIG" in out and "(default: " in out
     expected = {"train": "--learning_rate", "generate": "--temperature", "evaluate": "--num_samples_per_prompt",
@@ -52,7 +42,7 @@ def test_each_command_help_shows_its_options_with_defaults(name, capsys):
 
 
 def test_unknown_command_is_one_line_with_a_close_match(capsys):
-    code, _, err = run_cli(["generat"], capsys)
+    code, _, err = run_tsg(["generat"], capsys)
     assert code == 2 and err == "tsg: error: unknown command 'generat' (did you mean 'generate'?)\n"
 
 
@@ -119,7 +109,7 @@ def test_train_reads_toml(tmp_path):
 def test_bad_toml_is_one_line_naming_the_file(text, message, tmp_path, capsys):
     path = tmp_path / "gen.toml"
     path.write_text(text, encoding="utf-8")
-    code, _, err = run_cli(["generate", "-c", path], capsys)
+    code, _, err = run_tsg(["generate", "-c", path], capsys)
     line = error_line(err, "generate")
     assert code == 2 and str(path) in line and message in line
 

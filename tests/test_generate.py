@@ -16,10 +16,10 @@ import re
 
 import pytest
 import torch
-from conftest import SEP, error_line
+from conftest import SEP, error_line, run_tsg
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tsg import cli, generation
+from tsg import generation
 from tsg.files import UserError
 from tsg.generation import Settings, banned_token_sequences, load_model, tell_stories
 
@@ -98,13 +98,7 @@ def loaded(model_dir):
 
 def run_main(argv, capsys):
     """`tsg generate ARGV` -> (exit code, stdout, stderr)."""
-    try:
-        cli.main(["generate", *map(str, argv)])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_tsg(["generate", *argv], capsys)
 
 
 def continuation(story) -> str:

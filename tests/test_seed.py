@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, error_line, write_txt
+from conftest import REPO, error_line, run_tsg, write_txt
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tsg import cli
@@ -24,16 +24,6 @@ from tsg import cli
 SEED_FILES = REPO / "tests" / "seed"
 CONTEXT = 128
 PROMPT = "Once upon a time, in a small house,"
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +95,7 @@ def test_model_finetune_toml_trains_into_model_folder(seed_project, prepared_and
 def test_model_inference_toml_writes_the_output_file(seed_project, prepared_and_trained, capsys, monkeypatch):
     monkeypatch.chdir(seed_project)
     argv = ["generate", "-c", "model_inference.toml", "-q", PROMPT, "-n", "1", "-rnd", "876543"]
-    code, out, err = run_cli(argv, capsys)
+    code, out, err = run_tsg(argv, capsys)
     assert code == 0, err
     [row] = read_csv(seed_project / "outputs" / "stories.csv")
     assert row["story"].startswith(PROMPT) and "<|" not in row["story"]
@@ -114,7 +104,7 @@ def test_model_inference_toml_writes_the_output_file(seed_project, prepared_and_
     assert (row["banned_words"], row["start_marker"], row["quantization"]) == ("hate kill", "<|startoftext|>", "none")
     assert row["model"] == "models/distilgpt2-stories" and row["story"] in out
     assert "seed key 'model_folder' read as model" in err and "seed key 'quantized' read as quantization" in err
-    assert run_cli(argv, capsys)[0] == 0
+    assert run_tsg(argv, capsys)[0] == 0
     assert read_csv(seed_project / "outputs" / "stories.csv") == [row]  # the same seed tells the same story
 
 
@@ -133,12 +123,12 @@ def test_a_seed_key_that_means_nothing_here_is_a_clear_error(seed_project, prepa
     config = tmp_path / "model_inference.toml"
     config.write_text((seed_project / "model_inference.toml").read_text().replace(*change))
     output = tmp_path / "stories.csv"
-    code, _, err = run_cli(["generate", "-c", config, "-q", PROMPT, "--output", output], capsys)
+    code, _, err = run_tsg(["generate", "-c", config, "-q", PROMPT, "--output", output], capsys)
     assert code == 2 and message in error_line(err, "generate") and not output.exists()
 
 
 def test_a_bad_seed_value_in_the_fine_tune_is_named(seed_project, capsys, tmp_path):
     config = tmp_path / "model_finetune.toml"
     config.write_text((seed_project / "model_finetune.toml").read_text().replace('device = "cpu"', 'device = "tpu"'))
-    code, _, err = run_cli(["train", "-c", config], capsys)
+    code, _, err = run_tsg(["train", "-c", config], capsys)
     assert code == 2 and f"{config}: seed key device = 'tpu': expected cpu" in error_line(err, "train")
