@@ -27,7 +27,7 @@ NEWEST_RUN = $$(ls -td runs/*/ 2>/dev/null | while read d; do \
 	if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done)
 NO_RUN = no trained model under runs/: run make demo first, or pass MODEL=DIR
 
-.PHONY: install demo train generate merge eval evaluate bench test clean
+.PHONY: install demo train generate merge eval evaluate export clients bench test clean
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,31 @@ eval: install
 	$(BIN)/tsg evaluate --model "$$model" --data "$(VALID)" $(if $(TRAIN),--train_data "$(TRAIN)") $(ARGS)
 
 evaluate: eval
+
+# make export MODEL=runs/tiny_cpu [FORMAT=gguf] [OUTTYPE=f32|f16|q8_0] [ARGS="--output FILE"]: a file for llama.cpp,
+# kept only when its logits and token ids check out against the model's.
+FORMAT ?= gguf
+OUTTYPE ?= f32
+export: install
+	@model="$(MODEL)"; [ -n "$$model" ] || model=$(NEWEST_RUN); \
+	if [ -z "$$model" ]; then echo "make export: $(NO_RUN)" >&2; exit 2; fi; \
+	$(BIN)/tsg export "$$model" --format $(FORMAT) --outtype $(OUTTYPE) $(ARGS)
+
+# make clients: llama.cpp's llama-completion and llama-tokenize, built once into CLIENTS (outside the repo) from the
+# llama-cpp-python source distribution on PyPI, which vendors llama.cpp (~8 minutes on 2 cores). The tests that run
+# llama.cpp look there (TSG_CLIENTS) and skip without it.
+CLIENTS ?= $(HOME)/.cache/tsg/clients
+LLAMA_CPP = $(CLIENTS)/llama.cpp
+clients: install
+	@if [ -x "$(LLAMA_CPP)/build/bin/llama-completion" ]; then echo "make clients: llama.cpp is built in $(LLAMA_CPP)"; else \
+	set -e; mkdir -p "$(CLIENTS)/src"; \
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python -d "$(CLIENTS)/src"; \
+	sdist=$$(ls -t "$(CLIENTS)"/src/llama_cpp_python-*.tar.gz | head -1); tar -xzf "$$sdist" -C "$(CLIENTS)/src"; \
+	rm -rf "$(LLAMA_CPP)"; cp -r "$${sdist%.tar.gz}/vendor/llama.cpp" "$(LLAMA_CPP)"; \
+	cmake -S "$(LLAMA_CPP)" -B "$(LLAMA_CPP)/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$(CLIENTS)/cmake.log"; \
+	cmake --build "$(LLAMA_CPP)/build" -j$$(nproc) --target llama-completion llama-tokenize > "$(CLIENTS)/build.log"; \
+	echo "make clients: built $(LLAMA_CPP)/build/bin/llama-completion"; fi
 
 # make bench [DATA=stories.txt] [ARGS="--only generation"]: throughput, MFU, memory and generation speed, measured
 # side by side; prints a table and writes bench-results.json (< 20 min on 2 cores).

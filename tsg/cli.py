@@ -17,6 +17,7 @@ COMMANDS = {
     "merge": ("tsg.merge", "merge a LoRA adapter into its full-precision base, self-checked"),
     "generate": ("tsg.generate", "tell stories with a trained model, an adapter run or a hub model"),
     "evaluate": ("tsg.evaluate.__main__", "held-out loss and bits per byte, and scores of the stories a model tells"),
+    "export": ("tsg.export", "a model as a GGUF file for llama.cpp, checked against the model's own logits"),
     "bench": ("tsg.bench", "measure what each choice costs: throughput, MFU, memory, generation speed"),
 }
 
