@@ -82,7 +82,7 @@ def generate(model_args: ModelArguments, options: GenerateArguments, settings: S
     prompts = read_prompts(options)
     with progress_bars_only_on_a_terminal():
         model, tokenizer = model_args.load()
-    settings = fit_to_context(model, tokenizer, prompts, settings)
+    settings = fit_to_context(model, tokenizer, prompts, settings)  # what --output records: the max_new_tokens told
     stream = (not options.output and len(prompts) == 1 and settings.num_return_sequences == 1
               and settings.num_beams == 1)
     stories = tell_stories(model, tokenizer, prompts, settings, stream=stream, compile=options.compile)

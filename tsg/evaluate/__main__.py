@@ -28,8 +28,7 @@ from tsg import __version__
 from tsg.config import Command, option, run
 from tsg.data import END_OF_STORY, iter_stories, read_stories
 from tsg.files import UserError, existing_file, read_lines, write_text
-from tsg.generation import (ModelArguments, Settings, fit_to_context, looks_like_path,
-                            progress_bars_only_on_a_terminal, tell_stories)
+from tsg.generation import ModelArguments, Settings, fit_to_context, progress_bars_only_on_a_terminal, tell_stories
 from tsg.model import context_length
 from tsg.scoring import DEFAULT_PROMPTS, DEFINITIONS, SCORE_KEYS, generation_scores, score_stories
 
@@ -78,9 +77,7 @@ def report_path(model_args: ModelArguments, options: EvaluateArguments) -> Path:
     if options.output:
         return Path(options.output)
     model = Path(model_args.model).expanduser()
-    if not model.is_dir():
-        if looks_like_path(model_args.model) or model.exists():
-            raise UserError(f"{model_args.model}: no such folder")
+    if not model.is_dir():  # ModelArguments refused a missing folder: this is a hub name
         raise UserError(f"output: required when model is a hub name ({model_args.model})")
     return model / REPORT_NAME
 
