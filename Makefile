@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	command -v nvidia-smi >/dev/null 2>&1 || \
 		$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx]"
 	touch $@
 
 # Train configs/tiny_cpu.json from scratch for DEMO_STEPS steps, then tell stories.
@@ -74,8 +74,8 @@ eval: install
 
 evaluate: eval
 
-# make export MODEL=runs/tiny_cpu [FORMAT=gguf] [OUTTYPE=f32|f16|q8_0] [ARGS="--output FILE"]: a file for llama.cpp,
-# kept only when its logits and token ids check out against the model's.
+# make export MODEL=runs/tiny_cpu [FORMAT=gguf|onnx] [OUTTYPE=f32|f16|q8_0] [ARGS="--output FILE"]: a GGUF file for
+# llama.cpp or an ONNX folder (MODEL/onnx/model.onnx), kept only when its logits and token ids check out.
 FORMAT ?= gguf
 OUTTYPE ?= f32
 export: install
@@ -83,21 +83,36 @@ export: install
 	if [ -z "$$model" ]; then echo "make export: $(NO_RUN)" >&2; exit 2; fi; \
 	$(BIN)/tsg export "$$model" --format $(FORMAT) --outtype $(OUTTYPE) $(ARGS)
 
-# make clients: llama.cpp's llama-completion and llama-tokenize, built once into CLIENTS (outside the repo) from the
-# llama-cpp-python source distribution on PyPI, which vendors llama.cpp (~8 minutes on 2 cores). The tests that run
-# llama.cpp look there (TSG_CLIENTS) and skip without it.
+# make clients: what the optional client tests run against, built once into CLIENTS (outside the repo, ~20 minutes
+# on 2 cores): llama.cpp's llama-completion and llama-tokenize from the llama-cpp-python source distribution on PyPI
+# (it vendors llama.cpp), the `llamacpp` extra in the venv (llama-cpp-python, for `tsg generate --backend llama.cpp`),
+# and a transformers 4.57 environment that loads the folders tsg saves. The tests look there (TSG_CLIENTS) and skip
+# what is not built.
 CLIENTS ?= $(HOME)/.cache/tsg/clients
 LLAMA_CPP = $(CLIENTS)/llama.cpp
-clients: install
-	@if [ -x "$(LLAMA_CPP)/build/bin/llama-completion" ]; then echo "make clients: llama.cpp is built in $(LLAMA_CPP)"; else \
+TRANSFORMERS4 = $(CLIENTS)/transformers4
+clients: install $(LLAMA_CPP)/build/bin/llama-completion $(VENV)/.llamacpp $(TRANSFORMERS4)/.installed
+	@echo "make clients: llama.cpp in $(LLAMA_CPP), llama-cpp-python in $(VENV), transformers 4.57 in $(TRANSFORMERS4)"
+
+$(LLAMA_CPP)/build/bin/llama-completion: | $(VENV)/.installed
 	set -e; mkdir -p "$(CLIENTS)/src"; \
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: llama-cpp-python -d "$(CLIENTS)/src"; \
 	sdist=$$(ls -t "$(CLIENTS)"/src/llama_cpp_python-*.tar.gz | head -1); tar -xzf "$$sdist" -C "$(CLIENTS)/src"; \
 	rm -rf "$(LLAMA_CPP)"; cp -r "$${sdist%.tar.gz}/vendor/llama.cpp" "$(LLAMA_CPP)"; \
 	cmake -S "$(LLAMA_CPP)" -B "$(LLAMA_CPP)/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > "$(CLIENTS)/cmake.log"; \
-	cmake --build "$(LLAMA_CPP)/build" -j$$(nproc) --target llama-completion llama-tokenize > "$(CLIENTS)/build.log"; \
-	echo "make clients: built $(LLAMA_CPP)/build/bin/llama-completion"; fi
+	cmake --build "$(LLAMA_CPP)/build" -j$$(nproc) --target llama-completion llama-tokenize > "$(CLIENTS)/build.log"
+
+# pip builds llama-cpp-python from source (minutes) and keeps the wheel in its cache
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,llamacpp]"
+	touch $@
+
+$(TRANSFORMERS4)/.installed:
+	test -x $(TRANSFORMERS4)/bin/python || $(PYTHON) -m venv $(TRANSFORMERS4)
+	$(TRANSFORMERS4)/bin/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(TRANSFORMERS4)/bin/python -m pip install --quiet "transformers==4.57.*" safetensors
+	touch $@
 
 # make bench [DATA=stories.txt] [ARGS="--only generation"]: throughput, MFU, memory and generation speed, measured
 # side by side; prints a table and writes bench-results.json (< 20 min on 2 cores).

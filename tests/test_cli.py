@@ -163,7 +163,8 @@ def test_every_command_keeps_its_options_in_one_dataclass_each():
 # --- the package ---
 
 
-LAYERS = ["files", "config", "data", "model", "adapter", "generation", "scoring", "conversion", "callbacks", "trainer"]
+LAYERS = ["files", "config", "data", "model", "adapter", "generation", "scoring", "conversion", "llamacpp", "callbacks",
+          "trainer"]
 COMMAND_MODULES = ["train", "generate", "merge", "evaluate.__main__", "prepare", "export", "bench", "cli", "__main__"]
 
 

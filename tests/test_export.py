@@ -1,6 +1,7 @@
 """`tsg export`: GGUF files for llama.cpp, read back with the gguf package's reader: every tensor laid out as
 llama.cpp expects it, every tokenizer entry, and the refusals (an architecture llama.cpp does not run here, a
-tokenizer that is not GPT-2's byte-level one).
+tokenizer that is not GPT-2's byte-level one). ONNX folders, run by ONNX Runtime step by step through their past
+key values: the greedy story is tsg's, and a graph whose logits differ is not kept.
 
 With llama.cpp's tools built (`make clients`; the tests look in $TSG_CLIENTS, default ~/.cache/tsg/clients), the
 last tests run them: llama.cpp's tokenizer gives tsg's ids on hard strings, and its greedy story is tsg's.
@@ -8,6 +9,8 @@ last tests run them: llama.cpp's tokenizer gives tsg's ids on hard strings, and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -23,7 +26,9 @@ from conftest import error_line, run_tsg, tiny_args
 from transformers import AutoTokenizer
 
 from tsg import model as models
-from tsg.conversion import PRE_TOKENIZER, check_byte_level_gpt2, llama_cpp_tensors, write_gguf
+from tsg import conversion
+from tsg.conversion import (PRE_TOKENIZER, check_byte_level_gpt2, llama_cpp_tensors, onnx_greedy, onnx_session,
+                            write_gguf)
 from tsg.files import UserError
 from tsg.generation import Settings, load_model, tell_stories
 
@@ -170,6 +175,65 @@ def test_bad_options(model_dir, words, message, capsys):
     assert code == 2 and message in error_line(err, "export")
 
 
+# --- ONNX ---
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    """`tsg export MODEL --format onnx --output DIR` of each architecture (exported once: tens of seconds)."""
+    from tsg.cli import main
+
+    output = tmp_path_factory.mktemp("onnx") / model_dir.name
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["export", str(model_dir), "--format", "onnx", "--output", str(output)])
+    (output / "export.log").write_text(err.getvalue())
+    return output
+
+
+def test_onnx_folder_is_laid_out_for_transformers_js(onnx_dir):
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in onnx_dir.iterdir()}
+    session = onnx_session(onnx_dir / "onnx" / "model.onnx")
+    names = [i.name for i in session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+    assert [o.name for o in session.get_outputs()] == ["logits"] + [f"present.{i}.{kind}" for i in range(2)
+                                                                   for kind in ("key", "value")]
+    assert session.get_inputs()[3].shape[2] == "past_sequence_length"  # any length, an empty past included
+    log = (onnx_dir / "export.log").read_text()
+    assert f"wrote {onnx_dir / 'onnx' / 'model.onnx'} (" in log
+    assert re.search(r"checked under ONNX Runtime: logits on 3 probe texts and 15 greedy steps after each", log)
+
+
+def test_onnx_runtime_tells_tsg_greedy_story(onnx_dir, model_dir):
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    prompt, n = "Once upon a time", 30
+    [story] = tell_stories(model, tokenizer, prompt, Settings(do_sample=False, max_new_tokens=n))
+    ids = tokenizer(prompt)["input_ids"]
+    new = onnx_greedy(onnx_session(onnx_dir / "onnx" / "model.onnx"), ids, n, {tokenizer.eos_token_id})
+    assert len(new) >= 20 and tokenizer.decode(ids + new, skip_special_tokens=True).strip() == story.text
+
+
+def test_onnx_export_whose_logits_differ_keeps_nothing(onnx_dir, model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(conversion, "export_onnx_graph",  # the graph exported already, to spare a second export
+                        lambda model, path: shutil.copyfile(onnx_dir / "onnx" / "model.onnx", path))
+    real = conversion.onnx_logits
+    monkeypatch.setattr(conversion, "onnx_logits", lambda *a, **k: (lambda out: (out[0] + 0.5, out[1]))(real(*a, **k)))
+    code, _, err = run_tsg(["export", model_dir, "--format", "onnx", "--output", tmp_path / "web"], capsys)
+    assert code == 2 and "ONNX Runtime's logits differ by 0.5" in error_line(err, "export")
+    assert not (tmp_path / "web" / "onnx").exists() and not list((tmp_path / "web").glob("*"))
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--outtype", "f16"], "outtype f16: the ONNX export is f32"),
+    (["--output", "{model}/config.json"], "config.json: not a folder"),
+])
+def test_bad_onnx_options(model_dir, words, message, capsys):
+    code, _, err = run_tsg(["export", model_dir, "--format", "onnx", *[w.format(model=model_dir) for w in words]],
+                           capsys)
+    assert code == 2 and message in error_line(err, "export")
+
+
 # --- llama.cpp itself (make clients) ---
 
 CLIENTS = Path(os.environ.get("TSG_CLIENTS", Path.home() / ".cache" / "tsg" / "clients"))
@@ -207,3 +271,91 @@ def test_llama_cpp_tells_tsg_greedy_story(model_dir):
     [story] = tell_stories(model, tokenizer, prompt, Settings(do_sample=False, max_new_tokens=n))
     told = max(outputs, key=len)
     assert told == story.text and all(story.text.startswith(output) for output in outputs)
+
+
+# --- tsg generate --backend llama.cpp (llama-cpp-python: the llamacpp extra, make clients) ---
+
+try:
+    import llama_cpp  # noqa: F401
+    HAS_LLAMA_CPP_PYTHON = True
+except ImportError:
+    HAS_LLAMA_CPP_PYTHON = False
+needs_llama_cpp_python = pytest.mark.skipif(not HAS_LLAMA_CPP_PYTHON, reason="llama-cpp-python is not installed "
+                                            "(pip install 'tsg[llamacpp]', or make clients)")
+
+
+def told(capsys, model_dir, *words, backend="llama.cpp"):
+    """The stories `tsg generate` wrote to a JSON lines file, with the backend given."""
+    output = model_dir.parent / f"stories-{backend}-{model_dir.name}.jsonl"
+    code, _, err = run_tsg(["generate", "--model", model_dir, "--backend", backend, "--output", output, *words],
+                           capsys)
+    assert code == 0, err
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+@needs_llama_cpp_python
+def test_llama_cpp_backend_tells_the_transformers_greedy_story(model_dir, capsys):
+    for gguf_file in model_dir.glob("*-f32.gguf"):
+        gguf_file.unlink()
+    prompts = model_dir.parent / "prompts.txt"
+    prompts.write_text("Once upon a time\nTom and Sue went to the park. They\n\"Look!\" said Lily, 3 times.\n")
+    words = ["--prompts_file", prompts, "--greedy", "--max_new_tokens", "40"]
+    fast = told(capsys, model_dir, *words)
+    assert (model_dir / f"{model_dir.name}-f32.gguf").is_file()  # exported once, beside the weights
+    slow = told(capsys, model_dir, *words, backend="transformers")
+    assert [row["story"] for row in fast] == [row["story"] for row in slow]
+    assert fast[0]["backend"] == "llama.cpp" and fast[0]["model"].endswith("-f32.gguf")
+    assert len(fast[0]["story"].split()) > 15
+    from_file = told(capsys, model_dir / f"{model_dir.name}-f32.gguf", *words)  # the file alone, its own tokenizer
+    assert [row["story"] for row in from_file] == [row["story"] for row in slow]
+
+
+@needs_llama_cpp_python
+def test_llama_cpp_backend_exports_again_when_the_model_changed(model_dir, capsys):
+    told(capsys, model_dir, "-q", "Once", "--greedy", "--max_new_tokens", "5")
+    path = model_dir / f"{model_dir.name}-f32.gguf"
+    os.utime(path, (path.stat().st_mtime - 100,) * 2)  # older than the weights: as if the run was trained again
+    code, _, err = run_tsg(["generate", "--model", model_dir, "--backend", "llama.cpp", "-q", "Once", "--greedy",
+                            "--max_new_tokens", "5"], capsys)
+    assert code == 0 and "(the model changed since)" in err, err
+    assert path.stat().st_mtime > (model_dir / "model.safetensors").stat().st_mtime
+
+
+@needs_llama_cpp_python
+def test_llama_cpp_backend_samples_by_seed_and_keeps_banned_words_out(model_dir, capsys):
+    words = ["-q", "Once upon a time", "-n", "3", "--max_new_tokens", "60", "--seed", "5"]
+    first = told(capsys, model_dir, *words)
+    assert first == told(capsys, model_dir, *words)  # same seed, same stories
+    assert len({row["story"] for row in first}) == 3  # each story its own draw
+    common = max({w for row in first for w in re.findall(r"[a-z]+", row["story"].lower()[16:]) if len(w) > 2},
+                 key=lambda w: sum(row["story"].lower()[16:].count(w) for row in first))
+    banned = told(capsys, model_dir, *words, "--banned_words", common)
+    for row in banned:
+        assert not re.search(rf"\b{common}\b", row["story"][16:], re.IGNORECASE), (common, row["story"])
+
+
+@needs_llama_cpp_python
+def test_llama_cpp_backend_streams_the_story_it_tells(model_dir, capsys):
+    [row] = told(capsys, model_dir, "-q", "Once upon a time", "--greedy", "--max_new_tokens", "30")
+    code, out, err = run_tsg(["generate", "--model", model_dir, "--backend", "llama.cpp", "-q", "Once upon a time",
+                              "--greedy", "--max_new_tokens", "30"], capsys)
+    assert code == 0 and out.strip() == row["story"], err
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--num_beams", "2", "--greedy"], "num_beams 2: the llama.cpp backend has no beam search"),
+    (["--quantization", "8bit"], "quantization 8bit: llama.cpp runs the GGUF's own weights"),
+    (["--compile", "true"], "compile: a transformers backend option"),
+    (["--model", "nothere.gguf"], "nothere.gguf: no such file"),
+])
+def test_llama_cpp_backend_bad_options(model_dir, words, message, capsys):
+    code, _, err = run_tsg(["generate", "--model", model_dir, "--backend", "llama.cpp", *words], capsys)
+    assert code == 2 and message in error_line(err, "generate")
+
+
+def test_llama_cpp_backend_without_llama_cpp_python_says_how_to_install(model_dir, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    code, _, err = run_tsg(["generate", "--model", model_dir, "--backend", "llama.cpp"], capsys)
+    assert code == 2 and "pip install 'tsg[llamacpp]'" in error_line(err, "generate")

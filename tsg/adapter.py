@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsg.files import UserError, one_line, replaced_atomically
-from tsg.model import QUANTIZATION_FIELDS, quantization_config
+from tsg.model import QUANTIZATION_FIELDS, keep_transformers4_keys, quantization_config
 
 PROBE = "Once upon a time, there was a little girl named Lily. She loved to play outside."
 ATOL = 1e-4
@@ -109,6 +109,7 @@ def _merge(run_dir: Path, out_dir: Path, atol: float, rtol: float, base: str | N
     ids = tokenizer(PROBE, return_tensors="pt").input_ids
     adapter_logits = _logits(adapted, ids)
     merged = adapted.merge_and_unload()
+    keep_transformers4_keys(merged.config)  # transformers 5 folded them into rope_parameters when loading the base
     merged_logits = _logits(merged, ids)
     diff = (merged_logits - adapter_logits).abs().max().item()
     tolerance = atol + rtol * adapter_logits.abs().max().item()

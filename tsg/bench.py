@@ -16,8 +16,9 @@ Sections:
               measured peak, and the levers around it (fused optimizer, torch.compile, batch, threads)
   pipeline    tokenize-and-pack seconds per MB: cold and cached, num_proc 1 and 2
   generation  tokens/s of 32 stories batched against one by one; fp32, 8-bit and 4-bit weights; time to first
-              token; one story (greedy, KV cache, 256 new tokens): tsg's path against plain generate() on the
-              llama2.c stories15M shape and on tiny_cpu.json's model
+              token; one story (greedy, KV cache, 256 new tokens): tsg's path against plain generate() and, with
+              llama-cpp-python installed, llama.cpp on the model's GGUF, on the llama2.c stories15M shape and on
+              tiny_cpu.json's model
   memory      peak memory of loading and of one training step: full fine-tuning, LoRA, 8-bit and 4-bit QLoRA of
               one model (a GPT-2 medium shape), and its weights in memory, fp32 against 4-bit
   gpu         only where torch sees a GPU: configs/xl_qlora.json on a GPT-2 XL shape (random weights): peak GPU
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 # tsg first: its __init__ quiets a bitsandbytes import-time warning before transformers imports bitsandbytes
-from tsg import __version__, data, generation, model as models  # isort: skip
+from tsg import __version__, data, generation, llamacpp, model as models  # isort: skip
 from tsg.config import Command, StoryArguments, option, parse_args, run as run_command  # isort: skip
 from tsg.files import UserError, existing_file, read_lines, write_text  # isort: skip
 from tsg.model import build_config, context_length  # isort: skip
@@ -97,6 +98,8 @@ TARGETS = {
     "batched32_vs_single_generation": (">=", 8.0),
     "single_vs_hf_generate": (">=", 1.4),
     "single_vs_hf_generate_tiny_cpu": None,
+    "llama_cpp_vs_tsg_single": None,
+    "llama_cpp_vs_tsg_single_tiny_cpu": None,
     "weights_4bit_vs_fp32": ("<=", 0.3),
 }
 
@@ -505,10 +508,20 @@ def hf_generate(model, tokenizer, text: str, new_tokens: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
+def time_llama_cpp(llm, tokenizer, text: str, new_tokens: int) -> dict:
+    """Tokens/s of tsg.llamacpp.tell_stories, greedy: llama.cpp on the model's f32 GGUF (new tokens, end-of-story
+    token included)."""
+    start = time.perf_counter()
+    [story] = llamacpp.tell_stories(llm, tokenizer, text, do_sample=False, max_new_tokens=new_tokens)
+    seconds = time.perf_counter() - start
+    return {"tokens": story.tokens, "seconds": seconds, "tokens_per_s": story.tokens / seconds}
+
+
 def single_stream(folder: Path, sizes: Sizes, label: str) -> dict:
     """One story, greedy, `single_new_tokens` new tokens: plain generate() on the model as transformers loads it
     against tsg's path (tell_stories: the output layer in its decoding layout on a CPU, and a static KV cache and
-    compiled decoding steps when `sizes.compile`), alternated."""
+    compiled decoding steps when `sizes.compile`) and, where llama-cpp-python is installed, llama.cpp on the model's
+    f32 GGUF (`tsg generate --backend llama.cpp`), alternated."""
     model, tokenizer = generation.load_model(str(folder))
     text = prompts(1)[0]
     new_tokens = min(sizes.single_new_tokens, context_length(model.config) - len(tokenizer(text)["input_ids"]))
@@ -516,13 +529,26 @@ def single_stream(folder: Path, sizes: Sizes, label: str) -> dict:
     generation.tell_stories(model, tokenizer, text, **settings)  # compiles (when asked), allocates
     hf_generate(model, tokenizer, text, new_tokens)
     runs = {"hf_generate": [], "tsg": []}
+    llm = None
+    try:
+        with quiet():
+            llm, gguf_tokenizer, _ = llamacpp.load_gguf_model(str(folder))
+        time_llama_cpp(llm, gguf_tokenizer, text, new_tokens)
+        runs["llama_cpp"] = []
+    except UserError as e:
+        say(f"single stream {label}: llama.cpp skipped ({e})")
     for _ in range(max(2, sizes.repeats)):
         runs["hf_generate"].append(hf_generate(model, tokenizer, text, new_tokens))
         runs["tsg"].append(time_stories(model, tokenizer, [text], **settings))
+        if llm is not None:
+            runs["llama_cpp"].append(time_llama_cpp(llm, gguf_tokenizer, text, new_tokens))
+    if llm is not None:
+        llm.close()  # freed now: left to interpreter shutdown, llama-cpp-python's cleanup fails
     found = {"parameters": model.num_parameters(), "compiled": sizes.compile, "max_new_tokens": new_tokens,
              **{name: best(r, "tokens_per_s") for name, r in runs.items()}}
     say(f"single stream {label}: tsg {found['tsg']['tokens_per_s']:.0f} tokens/s, plain generate() "
-        f"{found['hf_generate']['tokens_per_s']:.0f} tokens/s")
+        f"{found['hf_generate']['tokens_per_s']:.0f} tokens/s" + (
+            f", llama.cpp {found['llama_cpp']['tokens_per_s']:.0f} tokens/s" if "llama_cpp" in found else ""))
     return found
 
 
@@ -685,6 +711,10 @@ def ratios_of(results: dict) -> dict:
         for key, section in (("single_vs_hf_generate", "single_stream_stories15m"),
                              ("single_vs_hf_generate_tiny_cpu", "single_stream_tiny_cpu")):
             ratios[key] = gen[section]["tsg"]["tokens_per_s"] / gen[section]["hf_generate"]["tokens_per_s"]
+        for key, section in (("llama_cpp_vs_tsg_single", "single_stream_stories15m"),
+                             ("llama_cpp_vs_tsg_single_tiny_cpu", "single_stream_tiny_cpu")):
+            if "llama_cpp" in gen[section]:
+                ratios[key] = gen[section]["llama_cpp"]["tokens_per_s"] / gen[section]["tsg"]["tokens_per_s"]
     if results.get("memory"):
         ratios["weights_4bit_vs_fp32"] = results["memory"]["4bit"]["weights_bytes"] / results["memory"]["full"]["weights_bytes"]
     return ratios
@@ -711,8 +741,10 @@ def table(results: dict) -> str:
     if gen:
         lines.append("")
         for section in ("single_stream_stories15m", "single_stream_tiny_cpu"):
+            llama_cpp = gen[section].get("llama_cpp")
             lines.append(f"{section}: tsg {gen[section]['tsg']['tokens_per_s']:.0f} tokens/s, plain generate() "
-                         f"{gen[section]['hf_generate']['tokens_per_s']:.0f} tokens/s")
+                         f"{gen[section]['hf_generate']['tokens_per_s']:.0f} tokens/s, llama.cpp "
+                         + (f"{llama_cpp['tokens_per_s']:.0f} tokens/s" if llama_cpp else "not installed"))
     if results.get("mfu"):
         mfu = results["mfu"]
         lines.append(f"mfu tiny_cpu.json as configured: {mfu['as_configured']['tokens_per_s']:,.0f} tokens/s, "

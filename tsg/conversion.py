@@ -1,6 +1,8 @@
-"""A model folder as a GGUF file for llama.cpp, laid out as llama.cpp's own converter lays it out, and checked.
+"""A model folder as a file that runs outside Python, checked before it is kept: GGUF for llama.cpp, laid out as
+llama.cpp's own converter lays it out, and ONNX for ONNX Runtime and transformers.js.
 
     path, check = write_gguf("runs/tiny_cpu", "runs/tiny_cpu/model-f32.gguf", outtype="f32")
+    path, check = write_onnx("runs/tiny_cpu", "runs/tiny_cpu")          # runs/tiny_cpu/onnx/model.onnx
 
 Architectures: Llama (tiny_cpu.json: tied embeddings, grouped-query attention) and GPT-2 (the GPT-2 family,
 distilgpt2, GPT-2 from scratch); an adapter run is merged first, in full precision (tsg.adapter). Tensor names come
@@ -14,10 +16,19 @@ the GPT-2 regex, no normaliser, no byte fallback): llama.cpp picks its pre-token
 tokenizer would be split differently there. The file is written beside its target and kept only when the check
 passes (`check_gguf`): the GGUF read back gives the same next-token logits on probe texts, within the outtype's
 tolerance, and the same token ids.
+
+The ONNX graph is exported by torch's own exporter (torch.export, then onnxscript) from the model as one decoding
+step sees it: `input_ids`, `attention_mask`, `position_ids` and each layer's `past_key_values.N.key/value` in,
+`logits` and each layer's `present.N.key/value` out (the names optimum and transformers.js use), every length
+dynamic, so that one graph reads a prompt (an empty past) and then one token a step. It is written in the
+transformers.js folder layout (`DIR/onnx/model.onnx` beside config.json and the tokenizer files) and kept only when
+ONNX Runtime, reading a probe text and then decoding the model's greedy continuation through the past key values,
+gives logits within ONNX_TOLERANCE of the model's at every position, and the folder's tokenizer.json the same ids.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -54,6 +65,7 @@ class Check:
     tolerance: float
     same_tokens: bool
     probes: int
+    steps: int = 0  # positions compared per probe after the prompt, one decoding step each (ONNX: through the past)
 
 
 def check_byte_level_gpt2(tokenizer) -> None:
@@ -180,6 +192,13 @@ def load_full_precision(name: str):
     return model, tokenizer, folder
 
 
+def default_gguf_path(name: str, outtype: str = "f32") -> Path:
+    """Where `tsg export` writes a local model's GGUF, and where `tsg generate --backend llama.cpp` looks for it:
+    MODEL/<name>-<outtype>.gguf (an adapter run's beside its adapter)."""
+    folder = Path(name).expanduser().resolve()
+    return folder / f"{folder.name}-{outtype}.gguf"
+
+
 def write_gguf(name: str, output: str | Path, outtype: str = "f32") -> tuple[Path, Check]:
     """Write the model `name` names as a GGUF file at `output`, kept only when check_gguf passes."""
     import gguf
@@ -244,5 +263,187 @@ def check_gguf(path: Path, model, tokenizer, tolerance: float) -> Check:
         raise UserError(f"{path.name}: its tokenizer splits the probe texts differently; nothing kept")
     if not worst <= check.tolerance:
         raise UserError(f"{path.name}: next-token logits differ by {worst:.3g} > {check.tolerance:.3g} from the "
+                        "model's; nothing kept")
+    return check
+
+
+# --- ONNX ---
+
+ONNX_FILE = "onnx/model.onnx"  # the transformers.js layout: the graph under onnx/, config and tokenizer beside it
+ONNX_TOLERANCE = 1e-4  # |logit difference| over the largest |logit|: ONNX Runtime's kernels sum in another order
+ONNX_CHECK_STEPS = 16  # greedy tokens decoded one at a time through the past key values, per probe
+EXTERNAL_DATA_BYTES = 1 << 30  # larger weights go to model.onnx_data beside the graph (a protobuf holds < 2 GB)
+# what a model folder needs beside the graph for ONNX Runtime's users and transformers.js to load it
+FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+class DecodingStep(torch.nn.Module):
+    """The model as one decoding step runs it, with the KV cache as flat tensors (key, value per layer) so that it
+    exports as graph inputs and outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **{cache_keyword(self.model): cache}, use_cache=True)
+        return (output.logits, *[t for layer in output[1].layers for t in (layer.keys, layer.values)])
+
+
+def cache_keyword(model) -> str:
+    """The forward's KV cache argument: `cache` (transformers >= 5.24) or `past_key_values` (earlier)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def onnx_names(layers: int) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the exported graph."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def empty_past(model) -> list[torch.Tensor]:
+    """Each layer's key and value for no tokens yet ([batch 1, kv heads, 0, head dim]), shaped by a forward pass."""
+    with torch.inference_mode():
+        cache = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)[1]  # logits, then the cache
+    return [t[:, :, :0].clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def export_onnx_graph(model, path: Path) -> None:
+    """torch.onnx.export (the dynamo exporter) of DecodingStep(model) to `path`, batch and lengths dynamic."""
+    import warnings
+
+    import onnx_ir
+
+    # optimum's names for the dynamic axes
+    batch, sequence, past_sequence = (torch.export.Dim(n) for n in ("batch_size", "sequence_length",
+                                                                      "past_sequence_length"))
+    past = [torch.randn(2, t.shape[1], 5, t.shape[3]) for t in empty_past(model)]  # batch 2, 5 past tokens
+    inputs = (torch.randint(0, model.config.vocab_size, (2, 3)), torch.ones(2, 8, dtype=torch.long),
+              torch.arange(5, 8).expand(2, 3), past)
+    shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+              "position_ids": {0: batch, 1: sequence}, "past": [{0: batch, 2: past_sequence}] * len(past)}
+    input_names, output_names = onnx_names(len(past) // 2)
+    exporter_log = logging.getLogger("torch.onnx")  # it warns of every torchvision operator it cannot register
+    level = exporter_log.level
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(DecodingStep(model).eval(), inputs, dynamo=True, dynamic_shapes=shapes,
+                                        input_names=input_names, output_names=output_names, optimize=True,
+                                        verbose=False)
+        except Exception as e:  # torch.export's many error types: the model's forward is not exportable
+            raise UserError(f"model_type {model.config.model_type!r}: torch's ONNX exporter could not export it "
+                            f"({one_line(e, 200)})") from None
+        finally:
+            exporter_log.setLevel(level)
+    mask = program.model.graph.inputs[1]  # the exporter names the derived length itself
+    mask.shape = onnx_ir.Shape([mask.shape[0], "past_sequence_length + sequence_length"])
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=big)
+
+
+def onnx_session(path: str | Path):
+    """An ONNX Runtime session of an exported graph, on the CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session, ids: list[int], past: list[np.ndarray], start: int = 0):
+    """(logits [len(ids), vocab], present): one call of the exported graph on `ids`, after `start` tokens in `past`."""
+    end = start + len(ids)
+    feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, end), dtype=np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None]}
+    names = [i.name for i in session.get_inputs()][3:]
+    output = session.run(None, feed | dict(zip(names, past)))
+    return output[0][0], output[1:]
+
+
+def onnx_greedy(session, ids: list[int], max_new_tokens: int, eos_ids=()) -> list[int]:
+    """The greedy continuation of `ids` by an exported graph under ONNX Runtime: the prompt in one call, then one
+    token a call through the past key values (how ONNX Runtime users and transformers.js decode)."""
+    past = [np.zeros((1, x.shape[1], 0, x.shape[3]), np.float32) for x in session.get_inputs()[3:]]  # nothing yet
+    new, feed, start = [], list(ids), 0
+    for _ in range(max_new_tokens):
+        logits, past = onnx_logits(session, feed, past, start)
+        start += len(feed)
+        token = int(logits[-1].argmax())
+        new.append(token)
+        if token in eos_ids:
+            break
+        feed = [token]
+    return new
+
+
+def write_onnx(name: str, output: str | Path | None = None) -> tuple[Path, Check]:
+    """Export the model `name` names as `output`/onnx/model.onnx (default: in the model's own folder, an adapter
+    run's merged one), with its config and tokenizer files copied beside it when `output` is another folder; kept
+    only when check_onnx passes."""
+    import shutil
+
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"format onnx: needs the onnx extra ({e.name} is missing): pip install 'tsg[onnx]'") from None
+    model, tokenizer, folder = load_full_precision(name)
+    output = Path(output if output is not None else folder)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output}: not a folder (the ONNX export is a folder: {ONNX_FILE} and the model's "
+                        "config and tokenizer)")
+    graph = output / ONNX_FILE
+    with replaced_atomically(graph.parent) as work:
+        work.mkdir()
+        export_onnx_graph(model, work / graph.name)
+        check = check_onnx(work / graph.name, model, tokenizer, Path(folder) / "tokenizer.json")
+    if output.resolve() != Path(folder).resolve():
+        for file in FOLDER_FILES:
+            if (Path(folder) / file).is_file():
+                shutil.copyfile(Path(folder) / file, output / file)
+    return graph, check
+
+
+def check_onnx(path: Path, model, tokenizer, tokenizer_file: Path, tolerance: float = ONNX_TOLERANCE) -> Check:
+    """The graph at `path` under ONNX Runtime against `model`: for each probe text, the text in one call from an
+    empty past, then the model's greedy continuation one token a call through the past key values, gives logits
+    within `tolerance` x the largest |logit| at every position; `tokenizer_file` (what ONNX Runtime's users and
+    transformers.js read) gives the probe texts' token ids. A UserError when anything differs."""
+    from tokenizers import Tokenizer
+
+    session = onnx_session(path)
+    saved = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    worst, scale, same = 0.0, 0.0, saved is not None
+    for text in PROBES:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        same &= saved is not None and saved.encode(text, add_special_tokens=False).ids == ids
+        with torch.inference_mode():
+            sequence = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      do_sample=False, max_new_tokens=ONNX_CHECK_STEPS, min_new_tokens=ONNX_CHECK_STEPS,
+                                      pad_token_id=tokenizer.eos_token_id or 0)[0].tolist()
+            expected = model(input_ids=torch.tensor([sequence])).logits[0].numpy()
+        found, past = onnx_logits(session, ids, [np.zeros(t.shape, np.float32) for t in empty_past(model)])
+        rows = [found]
+        for start in range(len(ids), len(sequence) - 1):
+            step, past = onnx_logits(session, [sequence[start]], past, start)
+            rows.append(step)
+        worst = max(worst, float(np.abs(np.concatenate(rows) - expected[:len(sequence) - 1]).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+    check = Check(worst, tolerance * scale, same, len(PROBES), ONNX_CHECK_STEPS - 1)
+    if not same:
+        raise UserError(f"{tokenizer_file}: {'missing' if saved is None else 'splits the probe texts differently'}; "
+                        "nothing kept")
+    if not worst <= check.tolerance:
+        raise UserError(f"{path.name}: ONNX Runtime's logits differ by {worst:.3g} > {check.tolerance:.3g} from the "
                         "model's; nothing kept")
     return check

@@ -1,12 +1,17 @@
-"""`tsg export`: a trained model as a file that runs outside Python: GGUF for llama.cpp (tsg.conversion).
+"""`tsg export`: a trained model as a file that runs outside Python (tsg.conversion): GGUF for llama.cpp, ONNX for
+ONNX Runtime and transformers.js.
 
     tsg export runs/tiny_cpu --format gguf                     # runs/tiny_cpu/tiny_cpu-f32.gguf
     tsg export runs/qlora_cpu --outtype q8_0 --output stories.gguf   # an adapter run is merged first
+    tsg export runs/tiny_cpu --format onnx                     # runs/tiny_cpu/onnx/model.onnx
+    tsg export runs/tiny_cpu --format onnx --output web/tiny   # web/tiny/onnx/model.onnx, config, tokenizer
     make export MODEL=runs/tiny_cpu FORMAT=gguf
 
-The file is kept only when it checks out: read back, it gives the model's next-token logits on probe texts within
-the outtype's tolerance and the same token ids. Then llama.cpp runs it, e.g.
-`llama-completion -m runs/tiny_cpu/tiny_cpu-f32.gguf -p "Once upon a time" -n 200`.
+A file is kept only when it checks out: GGUF read back gives the model's next-token logits on probe texts within
+the outtype's tolerance and the same token ids; ONNX under ONNX Runtime gives the model's logits along a greedy
+continuation decoded through its past key values, and its folder's tokenizer the same ids. Then llama.cpp runs the
+GGUF (`llama-completion -m runs/tiny_cpu/tiny_cpu-f32.gguf -p "Once upon a time" -n 200`, or `tsg generate
+--backend llama.cpp`), and ONNX Runtime or transformers.js the ONNX folder.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from tsg.config import Command, option, run
-from tsg.conversion import write_gguf
+from tsg.conversion import default_gguf_path, write_gguf, write_onnx
 from tsg.files import UserError
 from tsg.generation import check_model_name
 
@@ -27,9 +32,10 @@ logger = logging.getLogger("tsg")
 @dataclass
 class ExportArguments:
     model: Optional[str] = option(None, "Folder saved by tsg train, an adapter run (merged first), or a hub name.")
-    format: Literal["gguf"] = option("gguf", "The file format: gguf (llama.cpp).")
-    outtype: Literal["f32", "f16", "q8_0"] = option("f32", "Weights in the file: f32, f16 or q8_0 (8-bit blocks).")
-    output: Optional[str] = option(None, "The file to write (default: MODEL/<name>-<outtype>.gguf).")
+    format: Literal["gguf", "onnx"] = option("gguf", "gguf (llama.cpp) or onnx (ONNX Runtime, transformers.js).")
+    outtype: Literal["f32", "f16", "q8_0"] = option("f32", "GGUF weights: f32, f16 or q8_0 (8-bit blocks); ONNX: f32.")
+    output: Optional[str] = option(None, "gguf: the file to write (default: MODEL/<name>-<outtype>.gguf); onnx: the "
+                                   "folder (default: the model's own; another gets its config and tokenizer too).")
 
     def __post_init__(self):
         if not self.model:
@@ -37,6 +43,12 @@ class ExportArguments:
         folder = check_model_name(self.model)
         if self.output is None and folder is None:
             raise UserError(f"output: required when model is a hub name ({self.model})")
+        if self.format == "onnx":
+            if self.outtype != "f32":
+                raise UserError(f"outtype {self.outtype}: the ONNX export is f32 (f16 and q8_0 are GGUF's)")
+            if self.output and Path(self.output).exists() and not Path(self.output).is_dir():
+                raise UserError(f"output {self.output}: not a folder (the ONNX export writes a folder)")
+            return
         if self.output and Path(self.output).suffix.lower() != ".gguf":
             raise UserError(f"output {self.output}: expected a .gguf file name")
         if self.output and Path(self.output).is_dir():
@@ -44,16 +56,21 @@ class ExportArguments:
 
     @property
     def path(self) -> Path:
-        if self.output:
-            return Path(self.output)
-        folder = Path(self.model).expanduser().resolve()
-        return folder / f"{folder.name}-{self.outtype}.gguf"
+        return Path(self.output) if self.output else default_gguf_path(self.model, self.outtype)
 
 
 EXPORT = Command(name="export", types=(ExportArguments,), description=__doc__, positional=("model",))
 
 
 def export(options: ExportArguments) -> None:
+    if options.format == "onnx":
+        path, check = write_onnx(options.model, options.output)
+        size = sum(f.stat().st_size for f in path.parent.iterdir())
+        logger.info("wrote %s (%.1f MB, f32)", path, size / 1e6)
+        logger.info("checked under ONNX Runtime: logits on %d probe texts and %d greedy steps after each, decoded "
+                    "through the past key values, within %.3g of the model's (tolerance %.3g); token ids the same",
+                    check.probes, check.steps, check.max_abs_logit_diff, check.tolerance)
+        return
     path, check = write_gguf(options.model, options.path, options.outtype)
     logger.info("wrote %s (%.1f MB, %s)", path, path.stat().st_size / 1e6, options.outtype)
     logger.info("checked: next-token logits on %d probe texts within %.3g of the model's (tolerance %.3g), "

@@ -131,7 +131,8 @@ class ModelArguments:
     def __post_init__(self):
         if not self.model:
             raise UserError("model: required (a folder saved by tsg train, an adapter run or a hub name)")
-        check_model_name(self.model, self.use_peft)
+        if not self.model.lower().endswith(".gguf"):  # a GGUF file is llama.cpp's (tsg generate --backend llama.cpp)
+            check_model_name(self.model, self.use_peft)
         pick_device(self.device)
 
     def load(self):
@@ -198,6 +199,9 @@ def load_model(name: str, quantization: str = "none", device: str = "auto", base
     if quantization not in QUANTIZATIONS:
         raise UserError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     device = pick_device(device)
+    if name.lower().endswith(".gguf"):
+        raise UserError(f"{name}: a GGUF file runs on llama.cpp (tsg generate --backend llama.cpp); here, give the "
+                        "model folder it was exported from")
     folder = resolve_model_dir(name, base_model, use_peft)
     quantize = quantization_config(not device.startswith("cuda"), load_in_8bit=quantization == "8bit",
                                    load_in_4bit=quantization == "4bit", bnb_4bit_use_double_quant=False)
@@ -313,10 +317,9 @@ def prompt_texts(prompts, start_marker: str) -> list[str]:
     return [start_marker + prompt for prompt in prompts]
 
 
-def fit_to_context(model, tokenizer, prompts, settings: Settings) -> Settings:
-    """Settings whose max_new_tokens fits the model's context after the longest prompt; a prompt that fills the
-    context is an error."""
-    context = context_length(model.config)
+def fit_to_context(context: int | None, tokenizer, prompts, settings: Settings) -> Settings:
+    """Settings whose max_new_tokens fits the model's `context` (tokens; None: unbounded) after the longest prompt;
+    a prompt that fills the context is an error."""
     if context is None:
         return settings
     lengths = [len(ids) for ids in tokenizer(prompt_texts(prompts, settings.start_marker))["input_ids"]]
@@ -488,7 +491,7 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
     settings = replace(settings or Settings(), **overrides)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = prompt_texts(prompts, settings.start_marker)
-    settings = fit_to_context(model, tokenizer, prompts, settings)
+    settings = fit_to_context(context_length(model.config), tokenizer, prompts, settings)
     if stream and (len(prompts) > 1 or settings.num_return_sequences > 1 or settings.num_beams > 1):
         raise UserError("streaming tells one story from one prompt, without beam search")
     config = generation_config(model, tokenizer, settings, compile)

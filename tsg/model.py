@@ -263,6 +263,7 @@ def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    keep_transformers4_keys(model.config)  # in every folder the run saves: checkpoints and the final model
     if (args.packing == "isolated" and on_cpu and model.config._attn_implementation == "sdpa"
             and model.is_backend_compatible()):
         model.set_attn_implementation(STORY_ATTENTION)  # not saved: config.json keeps the model's default
@@ -270,6 +271,28 @@ def load_model(args: StoryArguments, tokenizer: PreTrainedTokenizerBase,
         checkpointing = bool(training_args and training_args.activation_checkpointing)
         model = add_adapters(model, args, checkpointing)
     return model
+
+
+def keep_transformers4_keys(config) -> None:
+    """Have `config` also save the RoPE keys transformers 4.x reads: `rope_theta`, `partial_rotary_factor` and, for
+    a RoPE type other than the default, `rope_scaling` (the rest of the dict), beside transformers 5's
+    `rope_parameters`.
+
+    transformers 5 moved them into `rope_parameters`, a key 4.x ignores: there the model would load with a theta of
+    10,000 and no scaling and tell other stories, without a warning. transformers 5 reads the 4.x keys back into the
+    same `rope_parameters`, so it loads the folder as before. A `rope_parameters` nested by layer type has no 4.x
+    form and is left as it is."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_theta" not in rope:  # no RoPE, or one dict per layer type
+        return
+    config.rope_theta = rope["rope_theta"]
+    if "partial_rotary_factor" in rope:
+        config.partial_rotary_factor = rope["partial_rotary_factor"]
+    scaling = {key: value for key, value in rope.items() if key not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", "default") != "default":
+        # transformers 5's `rope_scaling` is a deprecated property over rope_parameters (its setter replaces them);
+        # its config.json is the instance's __dict__, so the 4.x key goes there
+        config.__dict__["rope_scaling"] = scaling
 
 
 def context_length(config) -> int | None:

@@ -102,7 +102,7 @@ def evaluate(model_args: ModelArguments, options: EvaluateArguments) -> dict:
         model, tokenizer = model_args.load()
     settings = told_settings(options)
     if prompts:  # a prompt longer than the context stops here, before the scoring
-        settings = fit_to_context(model, tokenizer, prompts, settings)
+        settings = fit_to_context(context_length(model.config), tokenizer, prompts, settings)
     held_out = score_stories(model, tokenizer, texts, options.batch_size, progress)
     told, scores = [], dict.fromkeys(SCORE_KEYS[3:])
     if prompts:
