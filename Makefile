@@ -83,7 +83,7 @@ export: install
 	if [ -z "$$model" ]; then echo "make export: $(NO_RUN)" >&2; exit 2; fi; \
 	$(BIN)/tsg export "$$model" --format $(FORMAT) --outtype $(OUTTYPE) $(ARGS)
 
-# make clients: what the optional client tests run against, built once into CLIENTS (outside the repo, ~20 minutes
+# make clients: what the optional client tests run against, built once into CLIENTS (outside the repo, ~25 minutes
 # on 2 cores): llama.cpp's llama-completion and llama-tokenize from the llama-cpp-python source distribution on PyPI
 # (it vendors llama.cpp), the `llamacpp` extra in the venv (llama-cpp-python, for `tsg generate --backend llama.cpp`),
 # and a transformers 4.57 environment that loads the folders tsg saves. The tests look there (TSG_CLIENTS) and skip

@@ -221,16 +221,20 @@ def test_onnx_export_whose_logits_differ_keeps_nothing(onnx_dir, model_dir, tmp_
     monkeypatch.setattr(conversion, "onnx_logits", lambda *a, **k: (lambda out: (out[0] + 0.5, out[1]))(real(*a, **k)))
     code, _, err = run_tsg(["export", model_dir, "--format", "onnx", "--output", tmp_path / "web"], capsys)
     assert code == 2 and "ONNX Runtime's logits differ by 0.5" in error_line(err, "export")
-    assert not (tmp_path / "web" / "onnx").exists() and not list((tmp_path / "web").glob("*"))
+    assert not (tmp_path / "web").exists() and not list(tmp_path.iterdir())  # no folder, no temporary one
 
 
 @pytest.mark.parametrize("words, message", [
     (["--outtype", "f16"], "outtype f16: the ONNX export is f32"),
     (["--output", "{model}/config.json"], "config.json: not a folder"),
+    (["--output", "{other}"], "holds a model of its own; export into a new folder"),
 ])
-def test_bad_onnx_options(model_dir, words, message, capsys):
-    code, _, err = run_tsg(["export", model_dir, "--format", "onnx", *[w.format(model=model_dir) for w in words]],
-                           capsys)
+def test_bad_onnx_options(model_dir, words, message, tmp_path, capsys):
+    other = tmp_path / "other_run"  # another model's folder
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights")
+    code, _, err = run_tsg(["export", model_dir, "--format", "onnx",
+                            *[w.format(model=model_dir, other=other) for w in words]], capsys)
     assert code == 2 and message in error_line(err, "export")
 
 
@@ -304,7 +308,7 @@ def test_llama_cpp_backend_tells_the_transformers_greedy_story(model_dir, capsys
     assert (model_dir / f"{model_dir.name}-f32.gguf").is_file()  # exported once, beside the weights
     slow = told(capsys, model_dir, *words, backend="transformers")
     assert [row["story"] for row in fast] == [row["story"] for row in slow]
-    assert fast[0]["backend"] == "llama.cpp" and fast[0]["model"].endswith("-f32.gguf")
+    assert (fast[0]["backend"], fast[0]["model"], fast[0]["device"]) == ("llama.cpp", str(model_dir), "cpu")
     assert len(fast[0]["story"].split()) > 15
     from_file = told(capsys, model_dir / f"{model_dir.name}-f32.gguf", *words)  # the file alone, its own tokenizer
     assert [row["story"] for row in from_file] == [row["story"] for row in slow]
@@ -314,11 +318,34 @@ def test_llama_cpp_backend_tells_the_transformers_greedy_story(model_dir, capsys
 def test_llama_cpp_backend_exports_again_when_the_model_changed(model_dir, capsys):
     told(capsys, model_dir, "-q", "Once", "--greedy", "--max_new_tokens", "5")
     path = model_dir / f"{model_dir.name}-f32.gguf"
-    os.utime(path, (path.stat().st_mtime - 100,) * 2)  # older than the weights: as if the run was trained again
+    weights = (model_dir / "model.safetensors").stat().st_mtime
+    os.utime(path, (weights - 1, weights - 1))  # older than the weights: as if the run was trained again
     code, _, err = run_tsg(["generate", "--model", model_dir, "--backend", "llama.cpp", "-q", "Once", "--greedy",
                             "--max_new_tokens", "5"], capsys)
     assert code == 0 and "(the model changed since)" in err, err
     assert path.stat().st_mtime > (model_dir / "model.safetensors").stat().st_mtime
+
+
+@needs_llama_cpp_python
+def test_llama_cpp_backend_applies_settings_as_transformers_does(model_dir):
+    """A repetition penalty (over the prompt too), a text end marker (the story cut there, not ended), banned words
+    and a start marker, the length limit of the model's context: the same greedy stories, token counts and endings
+    on both backends."""
+    from tsg import llamacpp
+
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    gguf_model = llamacpp.load_gguf_model(str(model_dir), device="cpu")
+    prompts = ["Once upon a time", "Tom and Sue", "The sun"]
+    try:
+        for settings in (Settings(do_sample=False, max_new_tokens=150), Settings(do_sample=False, repetition_penalty=1.5),
+                         Settings(do_sample=False, end_marker=".", max_new_tokens=60),
+                         Settings(do_sample=False, banned_words=["the", "was"], start_marker="Once upon a time,")):
+            expected = tell_stories(model, tokenizer, prompts, settings)
+            assert llamacpp.tell_stories(gguf_model, prompts, settings) == expected, settings
+            if settings.end_marker:
+                assert not any(story.ended for story in expected)
+    finally:
+        gguf_model.close()
 
 
 @needs_llama_cpp_python

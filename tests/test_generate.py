@@ -326,6 +326,7 @@ def test_context_overflow_lowers_max_new_tokens(model_dir, capsys):
     (["--temperature", "0"], "temperature: expected a positive number when sampling"),
     (["--output", "stories.txt"], "expected a .csv or .jsonl file"),
     (["--top_p", "1.5"], "top_p: expected a number in (0, 1]"),
+    (["--seed", "-1"], "seed: expected an integer from 0 to 4294967295, got -1"),
     (["--quantization", "3bit"], "quantization: invalid choice"),
     (["-n", "0"], "num_return_sequences: expected a positive integer"),
     (["--greedy", "-n", "2"], "without sampling (greedy) would tell the same story each time"),

@@ -508,11 +508,11 @@ def hf_generate(model, tokenizer, text: str, new_tokens: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def time_llama_cpp(llm, tokenizer, text: str, new_tokens: int) -> dict:
+def time_llama_cpp(model, text: str, new_tokens: int) -> dict:
     """Tokens/s of tsg.llamacpp.tell_stories, greedy: llama.cpp on the model's f32 GGUF (new tokens, end-of-story
     token included)."""
     start = time.perf_counter()
-    [story] = llamacpp.tell_stories(llm, tokenizer, text, do_sample=False, max_new_tokens=new_tokens)
+    [story] = llamacpp.tell_stories(model, text, do_sample=False, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - start
     return {"tokens": story.tokens, "seconds": seconds, "tokens_per_s": story.tokens / seconds}
 
@@ -529,23 +529,27 @@ def single_stream(folder: Path, sizes: Sizes, label: str) -> dict:
     generation.tell_stories(model, tokenizer, text, **settings)  # compiles (when asked), allocates
     hf_generate(model, tokenizer, text, new_tokens)
     runs = {"hf_generate": [], "tsg": []}
-    llm = None
+    gguf_model, skipped = None, None
     try:
         with quiet():
-            llm, gguf_tokenizer, _ = llamacpp.load_gguf_model(str(folder))
-        time_llama_cpp(llm, gguf_tokenizer, text, new_tokens)
+            gguf_model = llamacpp.load_gguf_model(str(folder), device="cpu")
+        time_llama_cpp(gguf_model, text, new_tokens)
         runs["llama_cpp"] = []
     except UserError as e:
+        skipped = str(e)
         say(f"single stream {label}: llama.cpp skipped ({e})")
-    for _ in range(max(2, sizes.repeats)):
-        runs["hf_generate"].append(hf_generate(model, tokenizer, text, new_tokens))
-        runs["tsg"].append(time_stories(model, tokenizer, [text], **settings))
-        if llm is not None:
-            runs["llama_cpp"].append(time_llama_cpp(llm, gguf_tokenizer, text, new_tokens))
-    if llm is not None:
-        llm.close()  # freed now: left to interpreter shutdown, llama-cpp-python's cleanup fails
+    try:
+        for _ in range(max(2, sizes.repeats)):
+            runs["hf_generate"].append(hf_generate(model, tokenizer, text, new_tokens))
+            runs["tsg"].append(time_stories(model, tokenizer, [text], **settings))
+            if gguf_model is not None:
+                runs["llama_cpp"].append(time_llama_cpp(gguf_model, text, new_tokens))
+    finally:
+        if gguf_model is not None:
+            gguf_model.close()
     found = {"parameters": model.num_parameters(), "compiled": sizes.compile, "max_new_tokens": new_tokens,
-             **{name: best(r, "tokens_per_s") for name, r in runs.items()}}
+             **{name: best(r, "tokens_per_s") for name, r in runs.items()},
+             **({"llama_cpp_skipped": skipped} if skipped else {})}
     say(f"single stream {label}: tsg {found['tsg']['tokens_per_s']:.0f} tokens/s, plain generate() "
         f"{found['hf_generate']['tokens_per_s']:.0f} tokens/s" + (
             f", llama.cpp {found['llama_cpp']['tokens_per_s']:.0f} tokens/s" if "llama_cpp" in found else ""))
@@ -744,7 +748,8 @@ def table(results: dict) -> str:
             llama_cpp = gen[section].get("llama_cpp")
             lines.append(f"{section}: tsg {gen[section]['tsg']['tokens_per_s']:.0f} tokens/s, plain generate() "
                          f"{gen[section]['hf_generate']['tokens_per_s']:.0f} tokens/s, llama.cpp "
-                         + (f"{llama_cpp['tokens_per_s']:.0f} tokens/s" if llama_cpp else "not installed"))
+                         + (f"{llama_cpp['tokens_per_s']:.0f} tokens/s" if llama_cpp else
+                            f"skipped ({gen[section].get('llama_cpp_skipped')})"))
     if results.get("mfu"):
         mfu = results["mfu"]
         lines.append(f"mfu tiny_cpu.json as configured: {mfu['as_configured']['tokens_per_s']:,.0f} tokens/s, "

@@ -41,7 +41,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsg.files import UserError, one_line, replaced_atomically
-from tsg.generation import resolve_model_dir
+from tsg.generation import check_model_name, resolve_model_dir
+from tsg.model import keep_transformers4_keys
 
 OUTTYPES = ("f32", "f16", "q8_0")
 ARCHITECTURES = {"llama": "LLAMA", "gpt2": "GPT2"}  # transformers model_type -> gguf.MODEL_ARCH
@@ -124,7 +125,7 @@ def hyperparameters(config) -> dict[str, int | float]:
     return {key.format(arch=config.model_type): value for key, value in values.items()}
 
 
-def _write_tokenizer(writer, tokenizer, folder: str, vocab_size: int) -> None:
+def _write_tokenizer(writer, tokenizer, folder: str | Path, vocab_size: int) -> None:
     """llama.cpp's gpt2 vocabulary, for a tokenizer check_byte_level_gpt2 has passed."""
     import gguf
 
@@ -208,26 +209,30 @@ def write_gguf(name: str, output: str | Path, outtype: str = "f32") -> tuple[Pat
     model, tokenizer, folder = load_full_precision(name)
     arch = _gguf_arch(model.config)
     check_byte_level_gpt2(tokenizer)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # written and read back in a folder of its own (a run folder's other files would be read too), then moved
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
-        written = Path(work) / output.name
-        writer = gguf.GGUFWriter(str(written), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
-        writer.add_name(Path(folder).name)
-        for key, value in hyperparameters(model.config).items():
-            (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-        _write_tokenizer(writer, tokenizer, folder, model.config.vocab_size)
-        _add_tensors(writer, model, arch, outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        check = check_gguf(written, model, tokenizer, TOLERANCE[outtype])
-        with replaced_atomically(output) as tmp:
-            os.replace(written, tmp)
+    output = Path(output).expanduser()
+    existing = next(p for p in output.parents if p.exists())  # built beside the target, then renamed
+    try:
+        # written and read back in a folder of its own (a run folder's other files would be read too), then moved
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=existing) as work:
+            written = Path(work) / output.name
+            tokenizer.save_pretrained(Path(work) / "tokenizer")  # its merges and special ids, whatever the source
+            writer = gguf.GGUFWriter(str(written), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
+            writer.add_name(Path(folder).name)
+            for key, value in hyperparameters(model.config).items():
+                (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
+            writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+            _write_tokenizer(writer, tokenizer, Path(work) / "tokenizer", model.config.vocab_size)
+            _add_tensors(writer, model, arch, outtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            check = check_gguf(written, model, tokenizer, TOLERANCE[outtype])
+            with replaced_atomically(output) as tmp:
+                os.replace(written, tmp)
+    except OSError as e:
+        raise UserError(f"output {output}: cannot write it ({e.strerror or e})") from None
     return output, check
 
 
@@ -272,10 +277,9 @@ def check_gguf(path: Path, model, tokenizer, tolerance: float) -> Check:
 ONNX_FILE = "onnx/model.onnx"  # the transformers.js layout: the graph under onnx/, config and tokenizer beside it
 ONNX_TOLERANCE = 1e-4  # |logit difference| over the largest |logit|: ONNX Runtime's kernels sum in another order
 ONNX_CHECK_STEPS = 16  # greedy tokens decoded one at a time through the past key values, per probe
-EXTERNAL_DATA_BYTES = 1 << 30  # larger weights go to model.onnx_data beside the graph (a protobuf holds < 2 GB)
-# what a model folder needs beside the graph for ONNX Runtime's users and transformers.js to load it
-FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.json", "merges.txt")
+EXTERNAL_DATA_BYTES = 1 << 30  # larger weights go to a file beside the graph (a protobuf holds < 2 GB)
+EXTERNAL_DATA = "model.onnx_data"  # the name transformers.js and optimum look for
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_config.json")
 
 
 class DecodingStep(torch.nn.Module):
@@ -348,7 +352,7 @@ def export_onnx_graph(model, path: Path) -> None:
     mask = program.model.graph.inputs[1]  # the exporter names the derived length itself
     mask.shape = onnx_ir.Shape([mask.shape[0], "past_sequence_length + sequence_length"])
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
-    program.save(str(path), external_data=big)
+    onnx_ir.save(program.model, path, external_data=EXTERNAL_DATA if big else None)
 
 
 def onnx_session(path: str | Path):
@@ -388,30 +392,49 @@ def onnx_greedy(session, ids: list[int], max_new_tokens: int, eos_ids=()) -> lis
 
 def write_onnx(name: str, output: str | Path | None = None) -> tuple[Path, Check]:
     """Export the model `name` names as `output`/onnx/model.onnx (default: in the model's own folder, an adapter
-    run's merged one), with its config and tokenizer files copied beside it when `output` is another folder; kept
-    only when check_onnx passes."""
-    import shutil
-
+    run's merged one), with its config, generation config and tokenizer saved beside it when `output` is another
+    folder (a folder that holds no other model), so that the folder loads by itself; kept only when check_onnx
+    passes. Everything is built in a temporary folder and moved into place once checked: a failed export leaves
+    nothing behind."""
     try:
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise UserError(f"format onnx: needs the onnx extra ({e.name} is missing): pip install 'tsg[onnx]'") from None
+    if output is None and check_model_name(name) is None:
+        raise UserError(f"output: required when model is a hub name ({name})")
     model, tokenizer, folder = load_full_precision(name)
-    output = Path(output if output is not None else folder)
+    output = Path(output if output is not None else folder).expanduser()
+    own = Path(folder).is_dir() and output.resolve() == Path(folder).resolve()
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output}: not a folder (the ONNX export is a folder: {ONNX_FILE} and the model's "
                         "config and tokenizer)")
-    graph = output / ONNX_FILE
-    with replaced_atomically(graph.parent) as work:
-        work.mkdir()
-        export_onnx_graph(model, work / graph.name)
-        check = check_onnx(work / graph.name, model, tokenizer, Path(folder) / "tokenizer.json")
-    if output.resolve() != Path(folder).resolve():
-        for file in FOLDER_FILES:
-            if (Path(folder) / file).is_file():
-                shutil.copyfile(Path(folder) / file, output / file)
-    return graph, check
+    if not own and output.is_dir() and any((output / f).exists() for f in WEIGHT_FILES):
+        raise UserError(f"output {output}: holds a model of its own; export into a new folder")
+    existing = next(p for p in (output, *output.parents) if p.exists())  # built beside the target, then renamed
+    try:
+        with tempfile.TemporaryDirectory(prefix=".tsg-onnx.", dir=existing) as work:
+            work = Path(work)
+            (work / ONNX_FILE).parent.mkdir()
+            export_onnx_graph(model, work / ONNX_FILE)
+            if not own:
+                keep_transformers4_keys(model.config)  # transformers.js reads rope_theta, as transformers 4 does
+                model.config.save_pretrained(work)
+                model.generation_config.save_pretrained(work)
+                tokenizer.save_pretrained(work)
+            elif not (output / "tokenizer.json").is_file():  # a folder in the hub's layout: the file its users read
+                tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+            tokenizer_file = work / "tokenizer.json" if (work / "tokenizer.json").is_file() else output / "tokenizer.json"
+            check = check_onnx(work / ONNX_FILE, model, tokenizer, tokenizer_file)
+            output.mkdir(parents=True, exist_ok=True)
+            for item in sorted(work.iterdir()):
+                with replaced_atomically(output / item.name) as tmp:
+                    os.replace(item, tmp)
+    except OSError as e:
+        raise UserError(f"output {output}: cannot write it ({e.strerror or e})") from None
+    return output / ONNX_FILE, check
 
 
 def check_onnx(path: Path, model, tokenizer, tokenizer_file: Path, tolerance: float = ONNX_TOLERANCE) -> Check:

@@ -24,8 +24,8 @@ from typing import Literal, Optional
 from tsg import llamacpp
 from tsg.config import Command, SeedKey, option, run, seed_bool
 from tsg.files import UserError, read_lines
-from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, pick_device,
-                            progress_bars_only_on_a_terminal, prompt_texts, tell_stories, write_stories)
+from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, progress_bars_only_on_a_terminal,
+                            prompt_texts, tell_stories, write_stories)
 from tsg.model import context_length
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -97,12 +97,12 @@ def generate(model_args: ModelArguments, options: GenerateArguments, settings: S
             raise UserError(f"quantization {model_args.quantization}: llama.cpp runs the GGUF's own weights (tsg export "
                             "--outtype q8_0 for 8-bit ones)")
         llamacpp.check_settings(settings)
-        device = pick_device(model_args.device)
-        llm, tokenizer, path = llamacpp.load_gguf_model(model_args.model, model_args.base_model, device)
-        with contextlib.closing(llm):  # freed now: left to interpreter shutdown, llama-cpp-python's cleanup fails
-            settings = fit_to_context(llm.n_ctx(), tokenizer, prompts, settings)
-            stories = llamacpp.tell_stories(llm, tokenizer, prompts, settings, stream=stream)
-        loaded = {"model": str(path), "quantization": "none", "device": device}
+        model = llamacpp.load_gguf_model(model_args.model, model_args.base_model, model_args.device,
+                                         model_args.use_peft)
+        with contextlib.closing(model):
+            settings = fit_to_context(model.context, model.tokenizer, prompts, settings)
+            stories = llamacpp.tell_stories(model, prompts, settings, stream=stream)
+        loaded = {"model": model_args.model, "quantization": "none", "device": model.device}
     else:
         with progress_bars_only_on_a_terminal():
             model, tokenizer = model_args.load()

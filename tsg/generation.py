@@ -84,6 +84,8 @@ class Settings:
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise UserError(f"num_return_sequences={self.num_return_sequences} is more than "
                             f"num_beams={self.num_beams}: beam search returns at most one story per beam")
+        if not 0 <= self.seed < 2**32:  # what torch's and llama.cpp's generators take
+            raise UserError(f"seed: expected an integer from 0 to {2**32 - 1}, got {self.seed}")
         if any(not word.strip() for word in self.banned_words):
             raise UserError("banned_words: a banned word is empty")
         object.__setattr__(self, "banned_words", list(dict.fromkeys(word.strip() for word in self.banned_words)))
@@ -335,10 +337,10 @@ def fit_to_context(context: int | None, tokenizer, prompts, settings: Settings) 
     return settings
 
 
-def stop_conditions(model, tokenizer, end_marker: str) -> tuple[list[int], list[str] | None]:
-    """(eos token ids, stop strings): the eos token(s), and the end marker as a token or as a stop string."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])
+def stop_conditions(model_eos, tokenizer, end_marker: str) -> tuple[list[int], list[str] | None]:
+    """(eos token ids, stop strings): the tokenizer's and the model's eos token(s) (`model_eos`: an id, a list or
+    None), and the end marker as a token or as a stop string."""
+    eos_ids = [tokenizer.eos_token_id] + (model_eos if isinstance(model_eos, list) else [model_eos])
     stop_strings = None
     if end_marker and end_marker != tokenizer.eos_token:
         if end_marker in tokenizer.get_added_vocab():
@@ -367,7 +369,7 @@ def compiled_decoding(model, settings: Settings) -> dict:
 def generation_config(model, tokenizer, settings: Settings, compile: bool = False) -> GenerationConfig:
     """The GenerationConfig for `settings`: decoding strategy, banned words, where stories stop; with `compile`, a
     static KV cache and compiled decoding steps (see compiled_decoding)."""
-    eos_ids, stop_strings = stop_conditions(model, tokenizer, settings.end_marker)
+    eos_ids, stop_strings = stop_conditions(model.generation_config.eos_token_id, tokenizer, settings.end_marker)
     sampling = dict(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -500,24 +502,38 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
     stories = []
     for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size, streamer,
                                                progress):
-        stories += _batch_stories(tokenizer, prompts, first, output, new.cpu(), config.eos_token_id, settings)
+        stories += _batch_stories(tokenizer, prompts, first, output, new.cpu(), config.eos_token_id, settings,
+                                  config.stop_strings)
     return stories
 
 
 def _batch_stories(tokenizer, prompts: list[str], first: int, output, new, eos_ids: list[int],
-                   settings: Settings) -> list[Story]:
+                   settings: Settings, stop_strings: list[str] | None = None) -> list[Story]:
     """The Story of each row of one batch's generate() output; `new` is its generated part."""
     decoded = tokenizer.batch_decode(output, skip_special_tokens=True)
     counts = new_token_counts(new, eos_ids)
     ended = torch.isin(new, torch.tensor(eos_ids)).any(dim=1).tolist()
     stories = []
     for row, (text, tokens, reached) in enumerate(zip(decoded, counts, ended)):
+        if stop_strings:  # a row stopped at its end marker is padded after it, and the pad may be the eos token
+            at_marker = marker_end(tokenizer, new[row, :tokens].tolist(), stop_strings)
+            if at_marker is not None and (not reached or at_marker < tokens):
+                tokens, reached = at_marker, False
         index, number = divmod(row, settings.num_return_sequences)
         prompt = prompts[first + index]
         continuation = tokenizer.decode(new[row, :tokens - reached], skip_special_tokens=True).strip()
         stories.append(Story(prompt, number + 1, clean_story(text, prompt, settings.start_marker, settings.end_marker),
                              tokens, continuation, reached))
     return stories
+
+
+def marker_end(tokenizer, ids: list[int], markers: list[str]) -> int | None:
+    """How many of the generated `ids` it takes for their text to hold one of `markers` (None: it never does):
+    where a story told with an end marker stopped."""
+    if not any(marker in tokenizer.decode(ids, skip_special_tokens=True) for marker in markers):
+        return None
+    return next(k for k in range(1, len(ids) + 1)
+                if any(marker in tokenizer.decode(ids[:k], skip_special_tokens=True) for marker in markers))
 
 
 # --- files ---

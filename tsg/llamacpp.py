@@ -4,14 +4,19 @@
     llm, tokenizer, path = load_gguf_model("runs/tiny_cpu")     # exports runs/tiny_cpu/tiny_cpu-f32.gguf once
     stories = tell_stories(llm, tokenizer, ["Once upon a time"], Settings(num_return_sequences=2, seed=7))
 
-The model is a `.gguf` file, or anything `tsg generate` loads (a run folder, an adapter run, a hub name): its GGUF
-is then `tsg export`'s default file, `<folder>/<name>-f32.gguf`, exported once (and checked there). The settings mean what they
-mean in tsg.generation: greedy or sampling with temperature, top-k and top-p (llama.cpp's min-p and typical-p off),
-the repetition penalty over every earlier token, banned words in every tokenization (the same token sequences, by
-tsg's tokenizer, which the GGUF's tokenizer reproduces), the start and end markers, the end-of-story token. A greedy
-story is the transformers backend's; a sampled one is reproducible by seed, but llama.cpp draws its own random
-numbers, so it is not the transformers backend's story for that seed. Story k (counting from 0 over all prompts and
-their stories) is drawn with seed + k. Beam search is not offered (llama.cpp has none).
+The model is a `.gguf` file, or a run folder or adapter run: its GGUF is then `tsg export`'s default file,
+`<folder>/<name>-f32.gguf`, exported once (and checked there), and again when the run's weights are newer.
+
+llama.cpp evaluates the model and draws the tokens; what decides them is tsg's, in transformers' order: the prompt
+tokenized by tsg's tokenizer (the GGUF's reproduces it, checked at export), then at each step the repetition penalty
+over every earlier token (the prompt's too), the banned words in every tokenization (transformers' rule: a
+sequence's last token is forbidden where the tokens so far end with the rest of it) and the temperature, applied by
+a logits processor; then llama.cpp's top-k, top-p (min-p and typical-p off) and draw, or the likeliest token. A
+story ends at the end-of-story token, at `end_marker` or after `max_new_tokens`, counted and cut as
+tsg.generation counts and cuts them. So a greedy story is the transformers backend's; a sampled one is
+reproducible by seed, but llama.cpp draws its own random numbers, so it is not the transformers backend's story
+for that seed. Story k (counting from 0 over all prompts and their stories) is drawn with seed + k. No beam
+search.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import contextlib
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,29 +33,61 @@ import torch
 
 from tsg.conversion import default_gguf_path, write_gguf
 from tsg.files import UserError, one_line
-from tsg.generation import (Settings, Story, banned_token_sequences, check_model_name, clean_story, fit_to_context,
-                            prompt_texts, resolve_model_dir)
+from tsg.generation import (Settings, Story, StoryStreamer, banned_token_sequences, check_model_name, clean_story,
+                            fit_to_context, prompt_texts, resolve_model_dir, stop_conditions)
 
 logger = logging.getLogger(__name__)
 INSTALL = "pip install 'tsg[llamacpp]' (builds llama-cpp-python from source: minutes)"
 
 
-def gguf_path(name: str, base_model: str | None = None) -> tuple[Path, str | None]:
-    """(the GGUF file to run, the model folder whose tokenizer it holds, or None for a given .gguf file) for `name`:
-    a .gguf file, or a model folder or adapter run whose f32 GGUF (tsg export's default file) is written once."""
+# llama.cpp allocates the whole KV cache up front: a long-context GGUF (not tsg's) would take gigabytes for stories
+MAX_CONTEXT = 8192
+
+
+@dataclass
+class LlamaCppModel:
+    """A GGUF loaded in llama.cpp, with tsg's tokenizer of the same vocabulary."""
+
+    llm: object  # llama_cpp.Llama
+    tokenizer: object
+    path: Path
+    device: str  # cpu or cuda: where its layers run
+    context: int  # tokens a story may fill: the model's context (llama.cpp rounds its own cache size up)
+
+    def close(self) -> None:
+        """Free llama.cpp's model now (left to interpreter shutdown, llama-cpp-python's cleanup fails)."""
+        self.llm.close()
+
+
+def check_gguf_name(name: str, base_model: str | None = None, use_peft: bool | None = None) -> None:
+    """A UserError unless `name` is a .gguf file or a local model folder / adapter run (nothing is written)."""
     if name.lower().endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"{name}: {'not a file' if path.exists() else 'no such file'}")
-        return path, None
-    if check_model_name(name) is None:
+        if base_model or use_peft:
+            raise UserError(f"{'base_model' if base_model else 'use_peft'}: {name} holds merged weights already; give "
+                            "the adapter run instead to merge it into a base")
+    elif check_model_name(name, use_peft) is None:
         raise UserError(f"{name}: a hub model runs on llama.cpp once exported: tsg export {name} --output FILE.gguf, "
                         "then --model FILE.gguf")
+
+
+def gguf_path(name: str, base_model: str | None = None) -> tuple[Path, str | None]:
+    """(the GGUF file to run, the model folder whose tokenizer it holds, or None for a given .gguf file) for a name
+    check_gguf_name has passed: a run's f32 GGUF (tsg export's default file) is written when missing or older than
+    the run's weights."""
+    if name.lower().endswith(".gguf"):
+        return Path(name).expanduser(), None
     folder = resolve_model_dir(name, base_model)  # an adapter run: merged first
     path = default_gguf_path(name)
     if not path.is_file() or path.stat().st_mtime < newest_weights(Path(name), Path(folder)):
         logger.info("exporting %s for llama.cpp (%s)", path, "the model changed since" if path.is_file() else "once")
-        write_gguf(folder, path, "f32")
+        try:
+            write_gguf(folder, path, "f32")
+        except OSError as e:
+            raise UserError(f"{path}: cannot write it ({e.strerror or e}): tsg export {name} --output FILE.gguf, then "
+                            "--model FILE.gguf") from None
     return path, folder
 
 
@@ -62,9 +99,11 @@ def newest_weights(*folders: Path) -> float:
     return max((f.stat().st_mtime for f in files), default=0.0)
 
 
-def load_gguf_model(name: str, base_model: str | None = None, device: str = "cpu", context: int | None = None):
-    """(llama_cpp.Llama, a transformers tokenizer of the same vocabulary, the GGUF's path). `device` cuda offloads
-    every layer (a llama-cpp-python built with CUDA); `context` defaults to the model's training context."""
+def load_gguf_model(name: str, base_model: str | None = None, device: str = "auto",
+                    use_peft: bool | None = None) -> LlamaCppModel:
+    """The GGUF `name` names (see gguf_path) in llama.cpp, its context the model's (at most MAX_CONTEXT). `device`
+    auto uses a GPU where llama-cpp-python was built to offload to one and torch sees one, else the CPU."""
+    check_gguf_name(name, base_model, use_peft)
     try:
         import llama_cpp
     except ImportError:
@@ -73,18 +112,22 @@ def load_gguf_model(name: str, base_model: str | None = None, device: str = "cpu
 
     from tsg.model import with_pad_token
 
+    offload = llama_cpp.llama_supports_gpu_offload()
+    if device.startswith("cuda") and not offload:
+        raise UserError(f"device {device}: this llama-cpp-python was built for the CPU only (reinstall it with "
+                        "CMAKE_ARGS=-DGGML_CUDA=on) or use --device cpu")
+    on_gpu = device.startswith("cuda") or (device == "auto" and offload and torch.cuda.is_available())
     path, folder = gguf_path(name, base_model)
     try:
         tokenizer = with_pad_token(AutoTokenizer.from_pretrained(str(folder)) if folder is not None else
                                    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+        n_ctx = min(gguf_context_length(path), MAX_CONTEXT)
         with quiet_native_logs():
-            n_ctx = context or gguf_context_length(path)
             llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), seed=0, verbose=False,
-                                  n_threads=torch.get_num_threads(), last_n_tokens_size=n_ctx,
-                                  n_gpu_layers=-1 if device.startswith("cuda") else 0)
+                                  n_threads=torch.get_num_threads(), n_gpu_layers=-1 if on_gpu else 0)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{path}: llama.cpp could not load it ({one_line(e, 200)})") from None
-    return llm, tokenizer, path
+    return LlamaCppModel(llm, tokenizer, path, "cuda" if on_gpu else "cpu", n_ctx)
 
 
 def gguf_context_length(path: Path) -> int:
@@ -116,24 +159,34 @@ def quiet_native_logs():
             os.close(saved)
 
 
-def banned_words_processor(sequences: list[list[int]]):
-    """A llama-cpp-python logits processor with transformers' NoBadWordsLogitsProcessor's rule: a banned sequence's
-    last token is forbidden wherever the tokens so far end with the rest of it."""
-    if not sequences:
+def logits_processor(settings: Settings, banned: list[list[int]]):
+    """A llama-cpp-python logits processor doing, in transformers' order, what llama.cpp's sampler would do
+    otherwise (or not at all): the repetition penalty over every earlier token, the prompt's included (llama.cpp's
+    counts only the tokens it drew), the banned token sequences (NoBadWordsLogitsProcessor's rule) and the
+    temperature (llama.cpp's comes after top-p, transformers' before). None when there is nothing to do."""
+    penalty, banned = settings.repetition_penalty, [list(s) for s in banned]
+    temperature = settings.temperature if settings.do_sample else 1.0
+    if penalty == 1.0 and not banned and temperature == 1.0:
         return None
-    always = [s[0] for s in sequences if len(s) == 1]
-    longer = [s for s in sequences if len(s) > 1]
+    always = [s[0] for s in banned if len(s) == 1]
+    longer = [s for s in banned if len(s) > 1]
 
-    def forbid(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         scores = scores.copy()
+        if penalty != 1.0 and len(input_ids):
+            seen = np.unique(input_ids)
+            scores[seen] = np.where(scores[seen] < 0, scores[seen] * penalty, scores[seen] / penalty)
         scores[always] = -np.inf
-        tail = input_ids.tolist()
-        for sequence in longer:
-            if len(tail) >= len(sequence) - 1 and tail[len(tail) - len(sequence) + 1:] == sequence[:-1]:
-                scores[sequence[-1]] = -np.inf
+        if longer:
+            tail = input_ids.tolist()
+            for sequence in longer:
+                if len(tail) >= len(sequence) - 1 and tail[len(tail) - len(sequence) + 1:] == sequence[:-1]:
+                    scores[sequence[-1]] = -np.inf
+        if temperature != 1.0:
+            scores /= temperature
         return scores
 
-    return forbid
+    return process
 
 
 def check_settings(settings: Settings) -> None:
@@ -141,55 +194,46 @@ def check_settings(settings: Settings) -> None:
         raise UserError(f"num_beams {settings.num_beams}: the llama.cpp backend has no beam search")
 
 
-def tell_stories(llm, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,
+def tell_stories(model: LlamaCppModel, prompts, settings: Settings | None = None, *, stream: bool = False,
                  **overrides) -> list[Story]:
     """`num_return_sequences` stories for each prompt, one at a time, from llama.cpp (see the module's docstring);
-    `stream` prints the one story token by token as llama.cpp makes it."""
+    `stream` prints the one story as it grows, as tsg.generation streams it."""
     import llama_cpp
 
+    llm, tokenizer = model.llm, model.tokenizer
     settings = replace(settings or Settings(), **overrides)
     check_settings(settings)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = prompt_texts(prompts, settings.start_marker)
-    settings = fit_to_context(llm.n_ctx(), tokenizer, prompts, settings)
+    settings = fit_to_context(model.context, tokenizer, prompts, settings)
     if stream and (len(prompts) > 1 or settings.num_return_sequences > 1):
         raise UserError("streaming tells one story from one prompt")
-    forbid = banned_words_processor(banned_token_sequences(tokenizer, settings.banned_words))
-    sampling = (dict(temperature=settings.temperature, top_k=settings.top_k or llm.n_vocab(), top_p=settings.top_p)
-                if settings.do_sample else dict(temperature=0.0))
+    eos_ids, stop_strings = stop_conditions(llm.token_eos(), tokenizer, settings.end_marker)
+    process = logits_processor(settings, banned_token_sequences(tokenizer, settings.banned_words))
+    sampling = dict(temp=1.0, top_k=settings.top_k or llm.n_vocab(), top_p=settings.top_p) if settings.do_sample \
+        else dict(temp=0.0)  # temperature 0: llama.cpp takes the likeliest token
     stories = []
-    for index, (prompt, text) in enumerate(zip(prompts, texts)):
+    for prompt, text in zip(prompts, texts):
+        ids = tokenizer(text)["input_ids"]
         for number in range(settings.num_return_sequences):
-            seed = settings.seed + len(stories)
-            llm.reset()  # each story from the prompt alone
-            output = llm.create_completion(
-                text, max_tokens=settings.max_new_tokens, **sampling, min_p=0.0, typical_p=1.0,
-                repeat_penalty=settings.repetition_penalty, seed=seed, stream=stream,
-                stop=[settings.end_marker] if settings.end_marker else [],
-                logits_processor=llama_cpp.LogitsProcessorList([forbid]) if forbid else None)
-            if stream:
-                output = _streamed(output, prompt)
-            choice = output["choices"][0]
-            ended = choice["finish_reason"] == "stop"
-            continuation = choice["text"]
-            told = (len(tokenizer(continuation, add_special_tokens=False)["input_ids"]) if stream  # chunks are not tokens
-                    else output["usage"]["completion_tokens"])
-            tokens = told + ended  # the end-of-story token counted, as in tsg.generation
-            stories.append(Story(prompt, number + 1, clean_story(text + continuation, prompt, settings.start_marker,
-                                                                 settings.end_marker),
-                                 tokens, continuation.strip(), ended))
+            llm.set_seed((settings.seed + len(stories)) % (2**32 - 1))  # 2**32 - 1 is llama.cpp's "any seed"
+            streamer = StoryStreamer(tokenizer, prompt, settings.start_marker, settings.end_marker) if stream else None
+            if streamer:
+                streamer.put(torch.tensor(ids))
+            new, ended = [], False
+            for token in llm.generate(ids, **sampling, min_p=0.0, typical_p=1.0, repeat_penalty=1.0,
+                                      logits_processor=llama_cpp.LogitsProcessorList([process]) if process else None):
+                new.append(token)
+                if streamer:
+                    streamer.put(torch.tensor([token]))
+                ended = token in eos_ids
+                text_so_far = tokenizer.decode(new, skip_special_tokens=True) if stop_strings else ""
+                if ended or len(new) == settings.max_new_tokens or any(m in text_so_far for m in stop_strings or ()):
+                    break  # at the end-of-story token, the length, or the end marker (marker_end's rule)
+            if streamer:
+                streamer.end()
+            decoded = tokenizer.decode(ids + new, skip_special_tokens=True)
+            continuation = tokenizer.decode(new[:len(new) - ended], skip_special_tokens=True).strip()
+            stories.append(Story(prompt, number + 1, clean_story(decoded, prompt, settings.start_marker,
+                                                                 settings.end_marker), len(new), continuation, ended))
     return stories
-
-
-def _streamed(chunks, prompt: str) -> dict:
-    """Print a streamed completion as it comes (the prompt first); the whole completion, as create_completion
-    returns it without streaming."""
-    print(prompt, end="", flush=True)
-    text, finish = "", None
-    for chunk in chunks:
-        piece = chunk["choices"][0]["text"]
-        print(piece, end="", flush=True)
-        text += piece
-        finish = chunk["choices"][0]["finish_reason"] or finish
-    print(flush=True)
-    return {"choices": [{"text": text, "finish_reason": finish}]}
