@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import REPO, python_env, tiny_cli
+from conftest import REPO, error_line, python_env, run_tsg, tiny_cli
 from tsg import adapter, cli, data, model as models, train, trainer as training
 from tsg.config import parse_args
 from tsg.files import UserError
@@ -175,3 +179,78 @@ def test_xl_qlora_config_builds_its_quantization_and_lora_configs():
 def test_bad_adapter_settings_are_refused(extra, message, tmp_path):
     with pytest.raises(UserError, match=message):
         parse_args(["--model_name_or_path", "gpt2", "--output_dir", str(tmp_path), *extra])
+
+
+# --- an adapter knows its base; a full disk leaves nothing half-written ---
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base_dir, small_txt) -> tuple[Path, Path]:
+    """(run, base): a full-precision LoRA run, with a checkpoint at each of its 2 steps, on a base of its own."""
+    root = tmp_path_factory.mktemp("lora")
+    base = shutil.copytree(base_dir, root / "base")
+    train.main(adapter_cli(base, small_txt, root / "run", max_steps=2, save_steps=1))
+    return root / "run", base
+
+
+def test_training_records_the_base_beside_each_adapter(lora_run):
+    run, base = lora_run
+    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    for folder in (run, run / "checkpoint-1", run / "checkpoint-2"):
+        assert (folder / "adapter_model.safetensors").is_file()
+        record = json.loads((folder / adapter.BASE_RECORD).read_text())
+        assert record["base_model"] == str(base.resolve())
+        assert record["sha256"]["model.safetensors"] == weights and "config.json" in record["sha256"]
+
+
+def test_merge_and_generate_refuse_a_retrained_base(lora_run, tmp_path, capsys):
+    run, base = lora_run
+    moved = shutil.copytree(base, tmp_path / "moved")  # the same weights elsewhere: accepted
+    assert run_tsg(["merge", run, tmp_path / "into_copy", "--base_model", moved], capsys)[0] == 0
+    original = (base / "model.safetensors").read_bytes()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            model.transformer.wte.weight.add_(0.01)
+        model.save_pretrained(base)  # the base folder retrained in place: same names, shapes and sizes
+        code, _, err = run_tsg(["merge", run, tmp_path / "merged"], capsys)
+        line = error_line(err, "merge")
+        assert code == 2 and "model.safetensors changed since the adapter was trained" in line, line
+        assert "--allow_changed_base true" in line and not (tmp_path / "merged").exists()
+        code, _, err = run_tsg(["generate", "--model", run, "--max_new_tokens", "3", "--device", "cpu"], capsys)
+        assert code == 2 and "--allow_changed_base true" in error_line(err, "generate")
+        assert not (run / adapter.MERGED_SUBDIR).exists()
+        code, _, err = run_tsg(["merge", run, tmp_path / "merged", "--allow_changed_base", "true"], capsys)
+        assert code == 0 and (tmp_path / "merged" / "model.safetensors").is_file(), err[-2000:]
+    finally:
+        (base / "model.safetensors").write_bytes(original)
+
+
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_a_full_disk_leaves_no_half_written_merge_and_a_rerun_works(error, lora_run, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    run, _ = lora_run
+    save = modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a model")
+        if error == "safetensors":  # what safetensors raises on a full disk
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_tsg(["merge", run, out / "merged"], capsys)
+    line = error_line(err, "merge")
+    assert code == 2 and "No space left on device" in line and "nothing written" in line, line
+    assert list(out.iterdir()) == []  # neither the merged folder nor a temporary one
+    with pytest.raises(UserError, match="No space left on device"):
+        adapter.merged_model_dir(run)  # the merge that generate and evaluate do
+    assert not (run / adapter.MERGED_SUBDIR).exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(f".{adapter.MERGED_SUBDIR}.")]
+    monkeypatch.setattr(modeling_utils, "safe_save_file", save)  # space again: a rerun works
+    assert run_tsg(["merge", run, out / "merged"], capsys)[0] == 0
+    assert AutoModelForCausalLM.from_pretrained(out / "merged").config.n_embd == 64

@@ -36,7 +36,12 @@ def is_number(value) -> bool:
 def test_every_ratio_is_a_number(results):
     found, _ = results
     assert set(bench.TARGETS) <= set(found["ratios"])
+    generation = found["generation"]
     for name, value in found["ratios"].items():
+        if name.startswith("llama_cpp") and any("llama_cpp_skipped" in generation[section] for section in
+                                                 ("single_stream_stories15m", "single_stream_tiny_cpu")):
+            assert value is None, (name, value)  # no llama-cpp-python: skipped, saying why
+            continue
         assert is_number(value) and value >= 0, (name, value)
     assert 0 <= found["ratios"]["mfu"] < 1.5  # a fraction (tiny runs are noisy, never a percentage)
     assert 0 <= found["ratios"]["isolated_pad_share"] < 1

@@ -278,3 +278,46 @@ def test_write_run_config(tmp_path):
     assert record["config"]["model_type"] == "gpt2" and record["config"]["learning_rate"] == 0.002
     assert record["config"]["output_dir"] == str(tmp_path / "out")
     assert "git_commit" in record
+
+
+# --- every number of the run config, checked by one rule ---
+
+
+def numeric_fields(cls) -> set[str]:
+    """The int and float fields of a dataclass (bools are ints to Python, not numbers to a user)."""
+    import dataclasses
+
+    names = set()
+    for f in dataclasses.fields(cls):
+        kind = str(f.type)
+        if ("int" in kind or "float" in kind) and not any(word in kind for word in ("dict", "list", "Literal")):
+            names.add(f.name)
+    return names
+
+
+def test_every_number_of_the_run_config_has_a_range():
+    from transformers import TrainingArguments
+
+    from tsg.config import RANGES
+
+    assert numeric_fields(StoryArguments) | numeric_fields(TrainingArguments) <= set(RANGES)
+
+
+def out_of_range(key: str) -> int | float:
+    """A value RANGES refuses for `key`: the first of a few candidates its rule says no to."""
+    from tsg.config import RANGES
+
+    return next(value for value in (0, -2, 2**32, 1.5) if not RANGES[key][1](value))
+
+
+@pytest.mark.parametrize("key", sorted(__import__("tsg.config", fromlist=["RANGES"]).RANGES))
+def test_a_number_out_of_range_stops_before_any_work(key, tmp_path, small_txt, capsys):
+    from conftest import error_line, run_tsg, tiny_cli
+
+    value = out_of_range(key)
+    output = tmp_path / "run"
+    code, _, err = run_tsg(["train", *tiny_cli(small_txt, output), f"--{key}", str(value)], capsys)
+    assert code == 2, err[-2000:]
+    line = error_line(err, "train")  # one line, no traceback
+    assert key in line, line  # tsg's rule ("expected ..., got ...") or TrainingArguments' own check, naming it
+    assert not output.exists()

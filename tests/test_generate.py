@@ -9,14 +9,20 @@ tokenization, so that it tells of dogs and spells them in many ways.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import SEP, error_line, run_tsg
+from conftest import SEP, error_line, python_env, run_tsg
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tsg import generation
@@ -378,7 +384,7 @@ def test_adapter_run_loads_the_merged_model(model_dir, tmp_path, monkeypatch):
     (run / "adapter_config.json").write_text("{}")
     calls = []
     monkeypatch.setattr(generation.adapter, "merged_model_dir",
-                        lambda run_dir, base=None: calls.append((run_dir, base)) or model_dir)
+                        lambda run_dir, base=None, *_: calls.append((run_dir, base)) or model_dir)
     model, tokenizer = load_model(str(run), device="cpu")
     assert calls == [(run, None)] and model.config.n_embd == 64
     load_model(str(run), device="cpu", base_model="gpt2")
@@ -388,7 +394,7 @@ def test_adapter_run_loads_the_merged_model(model_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="use_peft is true, but the folder holds no adapter_config.json"):
         load_model(str(model_dir), device="cpu", use_peft=True)
 
-    def refuse(run_dir, base=None):
+    def refuse(run_dir, base=None, *_):
         raise UserError(f"{run_dir}: merged logits differ from the adapter's by 1 > 0.001; nothing written")
 
     monkeypatch.setattr(generation.adapter, "merged_model_dir", refuse)
@@ -406,3 +412,80 @@ def test_quantized_loading_tells_stories(model_dir, quantization, layer):
     assert any(type(m).__name__ == layer for m in model.modules())
     [story] = tell_stories(model, tokenizer, "Once upon a time", Settings(do_sample=False, max_new_tokens=10))
     assert story.text.startswith("Once upon a time") and len(story.text) > len("Once upon a time")
+
+
+# --- interrupted generation: nothing told is lost ---
+
+PROMPT_WORDS = ["Once upon a time", "Tom had a", "The dog", "A girl", "One day", "Sue saw"]
+
+
+def many_prompts(tmp_path, n: int = 40) -> Path:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{PROMPT_WORDS[i % len(PROMPT_WORDS)]} {i}\n" for i in range(n)))
+    return prompts
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_generation_keeps_every_story_and_resumes_as_if_uninterrupted(model_dir, tmp_path, signum,
+                                                                                    capsys):
+    words = ["--model", str(model_dir), "--prompts_file", str(many_prompts(tmp_path)), "--batch_size", "2",
+             "--max_new_tokens", "30", "--seed", "3", "--device", "cpu"]
+    reference = tmp_path / "reference.jsonl"
+    assert run_main([*words, "--output", reference], capsys)[0] == 0
+    output = tmp_path / "stories.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "tsg", "generate", *words, "--output", str(output)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env())
+    deadline = time.monotonic() + 120
+    while not output.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first batch is written: interrupt while later ones are told
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err[-2000:]
+    kept = jsonl_rows(output)  # a complete, parseable file
+    assert 0 < len(kept) < 40 and kept == jsonl_rows(reference)[:len(kept)]
+    assert f"({len(kept)} stories in {output}: add --resume to tell the rest)" in err and "Traceback" not in err
+    code, _, err = run_main([*words, "--output", output, "--resume"], capsys)
+    assert code == 0 and f"resuming: {len(kept)} of 40 prompts told already" in err, err
+    assert jsonl_rows(output) == jsonl_rows(reference)  # the same stories an uninterrupted run told
+
+
+def test_resume_refuses_stories_told_otherwise(model_dir, tmp_path, capsys):
+    words = ["--model", model_dir, "--prompts_file", many_prompts(tmp_path, 4), "--max_new_tokens", 10]
+    output = tmp_path / "stories.csv"
+    assert run_main([*words, "--output", output], capsys)[0] == 0
+    code, _, err = run_main([*words, "--output", output, "--resume", "--temperature", "0.7"], capsys)
+    assert code == 2 and "stories.csv: its stories were told with temperature 1.0, not 0.7" in error_line(err, "generate")
+    code, _, err = run_main([*words, "-q", "Another first prompt", "--output", output, "--resume"], capsys)
+    assert code == 2 and "its stories are not those of the first prompts" in error_line(err, "generate")
+    code, _, err = run_main([*words, "--resume"], capsys)
+    assert code == 2 and "resume: needs output" in error_line(err, "generate")
+
+
+def test_disk_full_while_writing_keeps_the_batches_before(model_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from tsg import generation
+
+    writes = []
+    real = generation.replaced_atomically
+
+    @contextlib.contextmanager
+    def full_after_two(path):
+        writes.append(path)
+        with real(path) as tmp:
+            if len(writes) > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield tmp
+
+    monkeypatch.setattr(generation, "replaced_atomically", full_after_two)
+    output = tmp_path / "stories.jsonl"
+    code, _, err = run_main(["--model", model_dir, "--prompts_file", many_prompts(tmp_path, 8), "--batch_size", 2,
+                             "--max_new_tokens", 10, "--output", output], capsys)
+    assert code == 2 and "cannot write (No space left on device); the file holds the stories of the batches before" \
+        in error_line(err, "generate")
+    assert len(jsonl_rows(output)) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt",
+                                                                                              "stories.jsonl"]

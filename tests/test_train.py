@@ -156,9 +156,13 @@ def test_rerun_into_checkpoints_is_refused_unless_overwrite(tmp_path, small_txt,
     assert (out / "run_config.json").read_text() == record  # nothing was touched
     assert (out / "checkpoint-3").is_dir()
 
+    (out / "run_config.resume-1.json").write_text(record)  # as a resume of the old run would have left
     assert run_main(tiny_cli(small_txt, out, "--overwrite_output_dir", "true", max_steps=2, save_steps=2)) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old one was deleted
     assert state(out)["global_step"] == 2
+    # a new run: its record replaces the old run's, whose resume records go with it
+    assert not (out / "run_config.resume-1.json").exists()
+    assert json.loads((out / "run_config.json").read_text())["config"]["max_steps"] == 2
 
 
 def test_overwrite_deletes_nothing_when_the_new_run_is_refused(tmp_path, small_txt, capsys):

@@ -1,4 +1,8 @@
-"""W&B extras for training runs (`--report_to wandb`), as Trainer callbacks.
+"""Trainer callbacks: stopping cleanly on SIGTERM, and W&B extras for training runs (`--report_to wandb`).
+
+`StopOnSignal` turns SIGTERM (what SLURM, Kubernetes and spot machines send before they kill) into a clean stop:
+the optimizer step under way ends, a checkpoint of it is saved, and training stops; every process of a
+distributed run stops at the same step, even when the signal reaches them at different times.
 
 `SampleStoriesCallback` tells one story per prompt every `sample_steps` optimizer steps and once more at the end
 of training, and logs them to the active W&B run as a table under the key `samples` (columns step, prompt,
@@ -23,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import signal
+import threading
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -219,3 +225,58 @@ class WandbConfigCallback(TrainerCallback):
                 values[f"tsg/{name}"] = value
         config.update(values, allow_val_change=True)
         self.done = True
+
+
+class StopOnSignal(TrainerCallback):
+    """While `installed()`, SIGTERM (or the given signals) only raises a flag; at the end of the optimizer step under
+    way the Trainer saves a checkpoint (`control.should_save`) and stops (`control.should_training_stop`).
+
+    Under several processes the flag is summed over all of them at every step, so that all save the same step and
+    stop together (no rank left waiting in a collective). `stopped_at` is the global step saved, or None; `signal_name`
+    names the signal that came."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def _handle(self, signum, frame) -> None:  # only a flag: the handler may run in the middle of anything
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers in place for the block, the earlier ones restored after it. Python lets only the main thread
+        set them: called from another thread, the block runs with the signals' usual handling."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _anyone_received(self, args) -> bool:
+        if args.world_size <= 1:
+            return self.received is not None
+        from accelerate.utils import reduce
+
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=args.device)
+        return reduce(flag, reduction="sum").item() > 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stopped_at is None and self._anyone_received(args):
+            if self.received is None:  # another process got it first
+                self.received = self.signals[0]
+            if state.is_world_process_zero:
+                logger.warning("%s received: saving a checkpoint of step %d and stopping", self.signal_name,
+                               state.global_step)
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -18,6 +18,7 @@ so once, e.g. `seed key 'lora_peft' read as use_peft`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -32,7 +33,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Union
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from tsg.files import UserError, write_text
+from tsg.files import UserError, check_weights, read_text, write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -116,6 +117,7 @@ class Command:
     flags: Mapping[str, tuple[str, Any, str]] = field(default_factory=dict)  # "--greedy": (field, value, help)
     defaults: Optional[Callable[[Optional[str]], list[str]]] = None  # config path -> words before the file's
     adjust: Optional[Callable[[argparse.Namespace], list[str]]] = None  # parsed values -> words that override them
+    check: Optional[Callable[..., None]] = None  # the parsed dataclasses -> a UserError for a bad value
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -168,9 +170,9 @@ def load_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (expected JSON, YAML or TOML)") from None
+        text = read_text(path, "config file")
+    except UserError as e:
+        raise UserError(f"{e} (expected JSON, YAML or TOML)") from None
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
@@ -327,7 +329,10 @@ def parse(command: Command, argv: list[str]) -> tuple:
     try:
         if command.adjust:
             words += command.adjust(parser.parse_known_args(words)[0])
-        return parser.parse_args_into_dataclasses(args=words)
+        options = parser.parse_args_into_dataclasses(args=words)
+        if command.check:
+            command.check(*options)
+        return options
     except _ArgumentError as e:  # the file's words parsed on their own: this one is the command line's
         raise UserError(f"command line: {e}") from None
     except ValueError as e:  # a dataclass's own check (TrainingArguments.__post_init__) refuses a value
@@ -410,6 +415,8 @@ class StoryArguments:
     vocab_size: int = option(4096, "Vocabulary of the byte-level BPE tokenizer trained here.")
     attn_implementation: Optional[str] = option(None, "Attention kernel: sdpa, eager or flash_attention_2 (default: "
                                                 "the model's).")
+    trust_remote_code: bool = option(False, "Run Python code a model or tokenizer folder names (auto_map in its "
+                                     "config); off: such a folder is refused.")
 
     # --- adapters and quantization (names as in TRL's ModelConfig and transformers' BitsAndBytesConfig) ---
     use_peft: bool = option(False, "Train LoRA adapters instead of every weight.")
@@ -487,15 +494,7 @@ class StoryArguments:
                             f"got {self.attn_implementation!r}")
 
     def _check_numbers(self) -> None:
-        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                     "vocab_size", "max_train_samples", "max_eval_samples", "preprocessing_num_workers", "lora_r",
-                     "lora_alpha", "sample_max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"{name}: expected a positive integer, got {value}")
-        if self.block_size <= 0 and self.block_size != -1:
-            raise UserError(f"block_size: expected a positive integer, or -1 for the model's context, "
-                            f"got {self.block_size}")
+        check_ranges(self)
         if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
             raise UserError(f"hidden_size={self.hidden_size} is not divisible by "
                             f"num_attention_heads={self.num_attention_heads}")
@@ -505,13 +504,6 @@ class StoryArguments:
         if self.from_scratch and self.block_size == -1 and self.max_position_embeddings is None:
             raise UserError("block_size=-1 (the model's context) needs max_position_embeddings for a model trained "
                             "from scratch")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
-        if self.sample_steps < 0:
-            raise UserError(f"sample_steps: expected 0 (never) or a positive number of steps, got {self.sample_steps}")
-        if not 0 <= self.validation_split_percentage < 100:
-            raise UserError(f"validation_split_percentage: expected a number in [0, 100), "
-                            f"got {self.validation_split_percentage}")
 
     def _check_adapters(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:
@@ -538,6 +530,59 @@ class StoryArguments:
     @property
     def quantized(self) -> bool:
         return self.load_in_8bit or self.load_in_4bit
+
+
+# Every number of the run config a user may set (tsg's fields and TrainingArguments'), with the values that make
+# sense: checked before any work, so that a bad one is one line naming it, never a ZeroDivisionError mid-run after
+# the output folder was written to. tests/test_config.py holds every int or float field of both to this table.
+POSITIVE = ("a positive integer", lambda v: v >= 1)
+AT_LEAST_0 = ("a number >= 0", lambda v: v >= 0)
+ABOVE_0 = ("a number > 0", lambda v: v > 0)
+STEPS = ("a number > 0 (steps, or below 1 a share of the run's steps)", lambda v: v > 0)
+SEED = (f"an integer from 0 to {2**32 - 1}", lambda v: 0 <= v < 2**32)
+SHARE = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+RANGES = {
+    # tsg's fields
+    "num_hidden_layers": POSITIVE, "hidden_size": POSITIVE, "num_attention_heads": POSITIVE,
+    "max_position_embeddings": POSITIVE, "vocab_size": ("an integer >= 257 (the 256 bytes and the end-of-story token)",
+                                                        lambda v: v >= 257),
+    "max_train_samples": POSITIVE, "max_eval_samples": POSITIVE, "preprocessing_num_workers": POSITIVE,
+    "lora_r": POSITIVE, "lora_alpha": ABOVE_0, "lora_dropout": SHARE, "sample_max_new_tokens": POSITIVE,
+    "block_size": ("a positive integer, or -1 for the model's context", lambda v: v >= 1 or v == -1),
+    "sample_steps": ("0 (never) or a positive number of steps", lambda v: v >= 0),
+    "validation_split_percentage": ("a number in [0, 100)", lambda v: 0 <= v < 100),
+    # TrainingArguments'
+    "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,
+    "num_train_epochs": ABOVE_0, "max_steps": ("a positive integer, or -1 for num_train_epochs",
+                                               lambda v: v >= 1 or v == -1),
+    "learning_rate": ABOVE_0, "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+    "adam_beta1": SHARE, "adam_beta2": SHARE, "adam_epsilon": ABOVE_0, "max_grad_norm": AT_LEAST_0,
+    "label_smoothing_factor": SHARE, "neftune_noise_alpha": ABOVE_0, "torch_empty_cache_steps": POSITIVE,
+    "logging_steps": STEPS, "eval_steps": STEPS, "save_steps": STEPS, "eval_delay": AT_LEAST_0,
+    "save_total_limit": POSITIVE, "seed": SEED, "data_seed": SEED, "dataloader_num_workers": AT_LEAST_0,
+    "dataloader_prefetch_factor": POSITIVE, "ddp_bucket_cap_mb": POSITIVE, "ddp_timeout": POSITIVE,
+    "local_rank": ("-1 or a process rank", lambda v: v >= -1),
+}
+
+
+def check_ranges(options) -> None:
+    """A UserError naming the first field of `options` (a dataclass) whose number is outside RANGES."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            expected, ok = RANGES[f.name]
+            if not ok(value):
+                raise UserError(f"{f.name}: expected {expected}, got {value}")
+
+
+def _check_training(story_args: "StoryArguments", training_args: TrainingArguments) -> None:
+    check_ranges(training_args)
+    output = Path(training_args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output_dir {output}: is a file, not a folder")
+    if story_args.model_name_or_path and Path(story_args.model_name_or_path).is_dir():
+        check_weights(story_args.model_name_or_path)  # a model cut short fails here, not as a traceback mid-load
 
 
 def _train_defaults(config: Optional[str]) -> list[str]:
@@ -580,6 +625,7 @@ TRAIN = Command(
     },
     defaults=_train_defaults,
     adjust=_fp32_on_cpu,
+    check=_check_training,
 )
 
 
@@ -601,8 +647,18 @@ def _git_commit() -> str | None:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def write_run_config(story_args: StoryArguments, training_args: TrainingArguments) -> Path:
-    """`run_config.json` in output_dir: the resolved config, the tsg version, git commit and library versions."""
+RESUME_RECORD = re.compile(r"run_config\.resume-(\d+)\.json")
+
+
+def write_run_config(story_args: StoryArguments, training_args: TrainingArguments,
+                     resumed_from: str | None = None) -> Path:
+    """The run's record in output_dir: the resolved config, the tsg version, git commit and library versions, and
+    `resumed_from` (the checkpoint folder it resumed from, or None); returns its path.
+
+    The first run in output_dir writes `run_config.json`. A resumed run never replaces it: its own record goes
+    beside it as `run_config.resume-N.json`, N = 1, 2, ... in the order of the resumes, so the folder keeps how the
+    run began and every change made on resuming (a resume into an output_dir with no `run_config.json` writes
+    that). Tokens (`hub_token`, ...) are recorded as `<HUB_TOKEN>`, never their values."""
     import accelerate
     import datasets
     import peft
@@ -615,7 +671,12 @@ def write_run_config(story_args: StoryArguments, training_args: TrainingArgument
         "tsg_version": __version__,
         "git_commit": _git_commit(),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, accelerate, datasets)},
+        "resumed_from": resumed_from,
         "config": {**asdict(story_args), **training_args.to_dict()},
     }
-    return write_text(Path(training_args.output_dir) / "run_config.json",
-                      json.dumps(record, indent=2, default=str) + "\n")
+    output = Path(training_args.output_dir)
+    path = output / "run_config.json"
+    if resumed_from is not None and path.is_file():
+        done = [int(m.group(1)) for p in output.glob("run_config.resume-*.json") if (m := RESUME_RECORD.fullmatch(p.name))]
+        path = output / f"run_config.resume-{max(done, default=0) + 1}.json"
+    return write_text(path, json.dumps(record, indent=2, default=str) + "\n")

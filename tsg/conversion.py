@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tsg.files import UserError, one_line, replaced_atomically
 from tsg.generation import check_model_name, resolve_model_dir
-from tsg.model import keep_transformers4_keys
+from tsg.model import check_remote_code, keep_transformers4_keys, refused_remote_code
 
 OUTTYPES = ("f32", "f16", "q8_0")
 ARCHITECTURES = {"llama": "LLAMA", "gpt2": "GPT2"}  # transformers model_type -> gguf.MODEL_ARCH
@@ -185,10 +185,12 @@ def _add_tensors(writer, model, arch: str, outtype: str) -> None:
 def load_full_precision(name: str):
     """(model, tokenizer, folder): a saved folder, hub model or adapter run (merged first) in float32."""
     folder = resolve_model_dir(name)
+    check_remote_code(folder, False, option=None)  # an export runs no code from a model folder
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        refused_remote_code(e, name, option=None)
         raise UserError(f"{name}: no model could be loaded ({one_line(e, 200)})") from None
     return model, tokenizer, folder
 

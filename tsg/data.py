@@ -38,7 +38,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
 from tsg.config import StoryArguments
-from tsg.files import UserError, existing_file, one_line
+from tsg.files import UserError, existing_file, one_line, text_lines
 
 # The end-of-story text: the line between two stories of a TinyStories .txt file, and the special token (BOS, EOS
 # and pad) of the tokenizers tsg trains.
@@ -52,13 +52,12 @@ MAP_BATCH_SIZE = 1000
 def read_tinystories_txt(path: str) -> Iterator[str]:
     """Stories of a TinyStories `.txt` file: each ends at a line that is exactly `<|endoftext|>`."""
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip() == END_OF_STORY:
-                yield "".join(lines).strip()
-                lines = []
-            else:
-                lines.append(line)
+    for line in text_lines(path, "stories"):
+        if line.strip() == END_OF_STORY:
+            yield "".join(lines).strip()
+            lines = []
+        else:
+            lines.append(line)
     if "".join(lines).strip():
         yield "".join(lines).strip()
 
@@ -96,9 +95,17 @@ def load_story_file(path: str, text_column: str = "text") -> Dataset:
         if next(read_tinystories_txt(str(file)), None) is None:
             raise UserError(f"{path}: no stories (the file is empty)")
         stat = file.stat()
-        return Dataset.from_generator(
-            _txt_generator, gen_kwargs={"path": str(file.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)}
-        )
+        try:
+            return Dataset.from_generator(
+                _txt_generator, gen_kwargs={"path": str(file.resolve()), "stamp": (stat.st_size, stat.st_mtime_ns)}
+            )
+        except Exception as e:  # datasets wraps what the generator raised (a bad line: tsg's UserError)
+            cause = e
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise UserError(str(cause)) from None
     if suffix not in FILE_BUILDERS:
         raise UserError(
             f"{path}: unknown story file type '{suffix}' (expected .txt with {END_OF_STORY} separators, "

@@ -59,10 +59,48 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def text_lines(path: str | os.PathLike, key: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read as they are needed: the one place tsg reads text (configs, stories,
+    prompts, banned words), so that a missing, unreadable or undecodable file is one UserError naming it (and `key`,
+    the option that named the file), never a traceback."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                yield line
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (line {number + 1}; {key})") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file ({key})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: not a file ({key})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}; {key})") from None
+
+
+def read_text(path: str | os.PathLike, key: str) -> str:
+    """The whole of a UTF-8 text file (see text_lines)."""
+    return "".join(text_lines(path, key))
+
+
+def check_weights(folder: str | os.PathLike) -> None:
+    """A UserError naming the first safetensors file in `folder` that is not whole (cut short by a full disk or an
+    interrupted copy, or not safetensors at all): reading its header checks that the file covers every tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "np"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: not a complete safetensors file ({one_line(e, 120)}): it was cut short or is "
+                            "damaged; save or copy it again") from None
+
+
 def read_lines(path: str | os.PathLike, key: str) -> list[str]:
     """The non-blank lines of a text file, stripped (prompts, banned words). `key` names the option in errors."""
     file = existing_file(path, key)
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(file, key).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise UserError(f"{path}: the file holds no lines ({key})")

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal, Optional
 
 from tsg import llamacpp
 from tsg.config import Command, SeedKey, option, run, seed_bool
 from tsg.files import UserError, read_lines
-from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, progress_bars_only_on_a_terminal,
-                            prompt_texts, tell_stories, write_stories)
+from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, iter_stories,
+                            progress_bars_only_on_a_terminal, prompt_texts, read_rows, write_stories)
 from tsg.model import context_length
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -43,7 +45,10 @@ class GenerateArguments:
     banned_words_file: Optional[str] = option(None, "Text file of banned words, one a line (added to banned_words).")
     compile: bool = option(False, "Static KV cache and torch.compile'd decoding steps: a one-time compile (tens of "
                            "seconds on a CPU), then faster tokens; pays off for long stories or many prompts.")
-    output: Optional[str] = option(None, "Also write the stories, a row each with the settings, to FILE.csv or .jsonl.")
+    output: Optional[str] = option(None, "Also write the stories, a row each with the settings, to FILE.csv or .jsonl "
+                                   "(rewritten after each batch: an interrupted run keeps every story told).")
+    resume: bool = option(False, "With output: keep the stories an interrupted run wrote there (same model and "
+                          "settings) and tell only the prompts after them.")
     backend: Literal["transformers", "llama.cpp"] = option(
         "transformers", "Who tells the stories: transformers, or llama.cpp from the model's GGUF (a .gguf model, or "
         "MODEL/<name>-f32.gguf exported once; pip install 'tsg[llamacpp]').")
@@ -53,6 +58,8 @@ class GenerateArguments:
             check_output_path(self.output)
         if self.backend == "llama.cpp" and self.compile:
             raise UserError("compile: a transformers backend option (llama.cpp's decoding is compiled C++)")
+        if self.resume and not self.output:
+            raise UserError("resume: needs output (the file whose stories are kept)")
 
 
 GENERATE = Command(
@@ -84,43 +91,116 @@ def read_prompts(options: GenerateArguments) -> list[str]:
     return prompts
 
 
+def stories_told_before(options: GenerateArguments, prompts: list[str], settings: Settings) -> list[dict]:
+    """With --resume, the rows already in --output: checked to be the first prompts' stories, in order."""
+    if not options.resume or not Path(options.output).is_file():
+        return []
+    rows = read_rows(options.output)
+    n = settings.num_return_sequences
+    expected = [(prompt, str(number)) for prompt in prompts for number in range(1, n + 1)]
+    if [(row["prompt"], str(row["number"])) for row in rows] != expected[:len(rows)]:
+        raise UserError(f"{options.output}: its stories are not those of the first prompts, in order (other prompts "
+                        "or num_return_sequences): drop resume to tell them all again")
+    return rows
+
+
+def check_same_settings(path: str, rows: list[dict], record: dict) -> None:
+    """The rows kept by --resume were told as this run tells (same model and settings; any device)."""
+    for key, value in record.items():
+        found = {str(row.get(key)) if row.get(key) not in (None, "") else "" for row in rows}
+        if key != "device" and found and found != {"" if value in (None, "") else str(value)}:
+            raise UserError(f"{path}: its stories were told with {key} {', '.join(sorted(found))}, not {value}: "
+                            "use the same settings to resume, or drop resume")
+
+
+@contextlib.contextmanager
+def interruptions():
+    """SIGTERM (what schedulers send before a kill) raised as Ctrl-C's KeyboardInterrupt, so both end the run the
+    same way; yields a list that holds the signal's number once one arrived."""
+    arrived = []
+
+    def stop(signum, frame):
+        arrived.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield arrived
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def generate(model_args: ModelArguments, options: GenerateArguments, settings: Settings) -> None:
-    """Check every input, load the model, tell the stories, print them and write them where asked."""
+    """Check every input, load the model, tell the stories (written to --output after each batch), print them."""
     if options.banned_words_file:
         words = read_lines(options.banned_words_file, "banned_words_file")
         settings = replace(settings, banned_words=[*settings.banned_words, *words])
     prompts = read_prompts(options)
+    before = stories_told_before(options, prompts, settings)
+    start = len(before) // settings.num_return_sequences
     stream = (not options.output and len(prompts) == 1 and settings.num_return_sequences == 1
               and settings.num_beams == 1)
-    if options.backend == "llama.cpp":
-        if model_args.quantization != "none":
-            raise UserError(f"quantization {model_args.quantization}: llama.cpp runs the GGUF's own weights (tsg export "
-                            "--outtype q8_0 for 8-bit ones)")
-        llamacpp.check_settings(settings)
-        model = llamacpp.load_gguf_model(model_args.model, model_args.base_model, model_args.device,
-                                         model_args.use_peft)
-        with contextlib.closing(model):
-            settings = fit_to_context(model.context, model.tokenizer, prompts, settings)
-            stories = llamacpp.tell_stories(model, prompts, settings, stream=stream)
-        loaded = {"model": model_args.model, "quantization": "none", "device": model.device}
-    else:
-        with progress_bars_only_on_a_terminal():
-            model, tokenizer = model_args.load()
-        # what --output records: the max_new_tokens told
-        settings = fit_to_context(context_length(model.config), tokenizer, prompts, settings)
-        stories = tell_stories(model, tokenizer, prompts, settings, stream=stream, compile=options.compile)
-        loaded = {"model": model_args.model, "quantization": model_args.quantization, "device": str(model.device)}
-    if not stream:
-        for i, story in enumerate(stories, 1):
-            where = f" (prompt {story.prompt!r}, {story.number})" if len(prompts) > 1 else ""
-            print(f"--- story {i}{where} ---\n{story.text}\n", flush=True)
-    if options.output:
-        record = {**loaded, "backend": options.backend, **settings.record()}
+    stories, model = [], None
+    with interruptions() as arrived:
         try:
-            path = write_stories(options.output, stories, record)
-        except OSError as e:
-            raise UserError(f"output {options.output}: cannot write ({e.strerror or e})") from None
-        logger.info("wrote %d %s to %s", len(stories), "story" if len(stories) == 1 else "stories", path)
+            if options.backend == "llama.cpp":
+                if model_args.quantization != "none":
+                    raise UserError(f"quantization {model_args.quantization}: llama.cpp runs the GGUF's own weights "
+                                    "(tsg export --outtype q8_0 for 8-bit ones)")
+                llamacpp.check_settings(settings)
+                model = llamacpp.load_gguf_model(model_args.model, model_args.base_model, model_args.device,
+                                                 model_args.use_peft)
+                settings = fit_to_context(model.context, model.tokenizer, prompts, settings)
+                device = model.device
+                batches = llamacpp.iter_stories(model, prompts, settings, stream=stream, start=start)
+            else:
+                with progress_bars_only_on_a_terminal():
+                    loaded, tokenizer = model_args.load()
+                # what --output records: the max_new_tokens told
+                settings = fit_to_context(context_length(loaded.config), tokenizer, prompts, settings)
+                device = str(loaded.device)
+                batches = iter_stories(loaded, tokenizer, prompts, settings, stream=stream, compile=options.compile,
+                                       start=start)
+            record = {"model": model_args.model, "quantization": model_args.quantization, "device": device,
+                      "backend": options.backend, **settings.record()}
+            check_same_settings(options.output, before, record)
+            if before:
+                logger.info("resuming: %d of %d prompts told already in %s", start, len(prompts), options.output)
+            for batch in batches:
+                stories += batch
+                if options.output:
+                    write(options.output, stories, record, before)
+        except KeyboardInterrupt:
+            kept = len(before) + len(stories)
+            where = f" ({kept} {'story' if kept == 1 else 'stories'} in {options.output}: add --resume to tell " \
+                    "the rest)" if options.output else ""
+            logger.info("interrupted after %d of %d prompts%s", start + len(stories) // settings.num_return_sequences,
+                        len(prompts), where)
+            if not stream:
+                show(stories, prompts)
+            raise SystemExit(128 + (arrived[0] if arrived else signal.SIGINT))
+        finally:
+            if isinstance(model, llamacpp.LlamaCppModel):
+                model.close()  # now: left to interpreter shutdown, llama-cpp-python's cleanup fails
+    if not stream:
+        show(stories, prompts)
+    if options.output:
+        total = len(before) + len(stories)
+        logger.info("wrote %d %s to %s", total, "story" if total == 1 else "stories", options.output)
+
+
+def write(output: str, stories, record: dict, before: list[dict]) -> None:
+    try:
+        write_stories(output, stories, record, before)
+    except OSError as e:
+        raise UserError(f"output {output}: cannot write ({e.strerror or e}); the file holds the stories of the "
+                        "batches before") from None
+
+
+def show(stories, prompts: list[str]) -> None:
+    for i, story in enumerate(stories, 1):
+        where = f" (prompt {story.prompt!r}, {story.number})" if len(prompts) > 1 else ""
+        print(f"--- story {i}{where} ---\n{story.text}\n", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,8 +33,9 @@ from transformers.utils import logging as hf_logging
 
 from tsg import adapter
 from tsg.config import option
-from tsg.files import UserError, one_line, replaced_atomically
-from tsg.model import context_length, keep_standard_4bit_layout, quantization_config, with_pad_token
+from tsg.files import UserError, check_weights, one_line, replaced_atomically
+from tsg.model import (check_remote_code, context_length, keep_standard_4bit_layout, quantization_config,
+                       refused_remote_code, with_pad_token)
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -129,6 +130,9 @@ class ModelArguments:
     use_peft: Optional[bool] = option(None, "true: model must be an adapter run; false: must not (default: either).")
     quantization: Literal["none", "8bit", "4bit"] = option("none", "Load the weights in 8 or 4 bits (bitsandbytes).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    allow_changed_base: bool = option(False, "Merge an adapter run even into a base that is not the one it was "
+                                      "trained on (its adapter_base.json).")
+    trust_remote_code: bool = option(False, "Run Python code the model folder names (auto_map in its config).")
 
     def __post_init__(self):
         if not self.model:
@@ -139,7 +143,8 @@ class ModelArguments:
 
     def load(self):
         """(model, tokenizer): see load_model."""
-        return load_model(self.model, self.quantization, self.device, self.base_model, self.use_peft)
+        return load_model(self.model, self.quantization, self.device, self.base_model, self.use_peft,
+                          self.allow_changed_base, self.trust_remote_code)
 
 
 def looks_like_path(name: str) -> bool:
@@ -163,6 +168,7 @@ def check_model_name(name: str, use_peft: bool | None = None) -> Path | None:
         if not is_adapter and not (path / "config.json").is_file():
             raise UserError(f"{name}: not a model folder (no config.json, nor adapter_config.json for an "
                             "adapter run)")
+        check_weights(path)
         return path
     if path.exists():
         raise UserError(f"{name}: not a folder")
@@ -171,12 +177,13 @@ def check_model_name(name: str, use_peft: bool | None = None) -> Path | None:
     return None
 
 
-def resolve_model_dir(name: str, base_model: str | None = None, use_peft: bool | None = None) -> str:
+def resolve_model_dir(name: str, base_model: str | None = None, use_peft: bool | None = None,
+                      allow_changed_base: bool = False, trust_remote_code: bool = False) -> str:
     """The folder or hub name to load: an adapter run becomes its merged folder (merged into `base_model` when given,
-    else into the base its adapter names)."""
+    else into the base its adapter names; see tsg.adapter.merge for the other two)."""
     path = check_model_name(name, use_peft)
     if path is not None and adapter.is_adapter_run(path):
-        return str(adapter.merged_model_dir(path, base_model))
+        return str(adapter.merged_model_dir(path, base_model, allow_changed_base, trust_remote_code))
     return name if path is None else str(path)
 
 
@@ -195,7 +202,7 @@ def pick_device(device: str) -> str:
 
 
 def load_model(name: str, quantization: str = "none", device: str = "auto", base_model: str | None = None,
-               use_peft: bool | None = None):
+               use_peft: bool | None = None, allow_changed_base: bool = False, trust_remote_code: bool = False):
     """Model (eval mode, on `device`) and tokenizer (pad = eos when it has none, left padding) of a saved folder, an
     adapter run (merged first, in full precision) or a hub name; weights in 8 or 4 bits when `quantization` asks."""
     if quantization not in QUANTIZATIONS:
@@ -204,20 +211,22 @@ def load_model(name: str, quantization: str = "none", device: str = "auto", base
     if name.lower().endswith(".gguf"):
         raise UserError(f"{name}: a GGUF file runs on llama.cpp (tsg generate --backend llama.cpp); here, give the "
                         "model folder it was exported from")
-    folder = resolve_model_dir(name, base_model, use_peft)
+    folder = resolve_model_dir(name, base_model, use_peft, allow_changed_base, trust_remote_code)
+    check_remote_code(folder, trust_remote_code)
     quantize = quantization_config(not device.startswith("cuda"), load_in_8bit=quantization == "8bit",
                                    load_in_4bit=quantization == "4bit", bnb_4bit_use_double_quant=False)
     if quantization == "8bit":
         # bitsandbytes casts each fp32 activation to fp16 and logs it at every layer call: an expected step here
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     try:
-        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder))
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
         if quantize is None:
-            model = AutoModelForCausalLM.from_pretrained(folder).to(device)
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code).to(device)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantize,
-                                                         device_map={"": device})
+                                                         device_map={"": device}, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, ImportError) as e:
+        refused_remote_code(e, name)
         raise UserError(f"{name}: no model could be loaded ({one_line(e, 200)})") from None
     tokenizer.padding_side = "left"
     if quantization == "4bit" and device == "cpu":
@@ -466,17 +475,20 @@ def decoding_layout(model):
             embeddings.weight = weight
 
 
-def generate_batches(model, tokenizer, texts: list[str], config: GenerationConfig, batch_size: int,
-                     streamer=None, progress: bool = False):
-    """generate() on `texts` in left-padded batches: (index of the batch's first text, the output, its generated
-    part) for each batch, in order. The caller sets the seed once before the first batch."""
+def generate_batches(model, tokenizer, texts: list[str], config: GenerationConfig, batch_size: int, seed: int,
+                     streamer=None, progress: bool = False, start: int = 0):
+    """generate() on `texts[start:]` in left-padded batches: (index of the batch's first text, the output, its
+    generated part) for each batch, in order. Each batch is seeded with `seed` + the index of its first text, so that
+    a batch tells the same stories whether or not the batches before it were told in this run (`tsg generate
+    --resume`)."""
     from tqdm.auto import tqdm
 
     with decoding_layout(model):  # laid out once for all the batches
-        for first in tqdm(range(0, len(texts), batch_size), desc="Telling stories", unit="batch",
+        for first in tqdm(range(start, len(texts), batch_size), desc="Telling stories", unit="batch",
                           disable=not progress):
             inputs = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True,
                                padding_side="left").to(model.device)
+            set_seed((seed + first) % 2**32)
             with torch.inference_mode():
                 output = model.generate(**inputs, generation_config=config, streamer=streamer,
                                         **({"tokenizer": tokenizer} if config.stop_strings else {}))
@@ -490,6 +502,14 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
     cache and compiled decoding steps (a one-time compile, then faster tokens). `progress`: a bar over the batches.
     Keyword overrides replace fields of `settings`, e.g. `tell_stories(model, tokenizer, "Once",
     num_return_sequences=3)`."""
+    return [story for batch in iter_stories(model, tokenizer, prompts, settings, stream=stream, compile=compile,
+                                            progress=progress, **overrides) for story in batch]
+
+
+def iter_stories(model, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,
+                 compile: bool = False, progress: bool = False, start: int = 0, **overrides):
+    """tell_stories one batch at a time: yields each batch's stories as soon as they are told, from the prompt
+    `start` on (a multiple of batch_size tells exactly what a run from the first prompt would tell there)."""
     settings = replace(settings or Settings(), **overrides)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = prompt_texts(prompts, settings.start_marker)
@@ -498,13 +518,10 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
         raise UserError("streaming tells one story from one prompt, without beam search")
     config = generation_config(model, tokenizer, settings, compile)
     streamer = StoryStreamer(tokenizer, prompts[0], settings.start_marker, settings.end_marker) if stream else None
-    set_seed(settings.seed)
-    stories = []
-    for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size, streamer,
-                                               progress):
-        stories += _batch_stories(tokenizer, prompts, first, output, new.cpu(), config.eos_token_id, settings,
-                                  config.stop_strings)
-    return stories
+    for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size, settings.seed,
+                                               streamer, progress, start):
+        yield _batch_stories(tokenizer, prompts, first, output, new.cpu(), config.eos_token_id, settings,
+                             config.stop_strings)
 
 
 def _batch_stories(tokenizer, prompts: list[str], first: int, output, new, eos_ids: list[int],
@@ -549,10 +566,16 @@ def check_output_path(path: str) -> Path:
     return output
 
 
-def write_stories(path, stories: list[Story], record: dict) -> Path:
-    """One row per story, the settings in `record` beside it, as CSV or JSON lines (atomically)."""
+def story_rows(stories: list[Story], record: dict) -> list[dict]:
+    """The rows `tsg generate --output` writes: one per story, the settings in `record` beside it."""
+    return [{"prompt": s.prompt, "number": s.number, "story": s.text, **record} for s in stories]
+
+
+def write_stories(path, stories: list[Story], record: dict, before: list[dict] = ()) -> Path:
+    """`before` (rows read back by read_rows) and then one row per story, the settings in `record` beside it, as CSV
+    or JSON lines (atomically: an interrupted write leaves the file as it was)."""
     output = check_output_path(str(path))
-    rows = [{"prompt": s.prompt, "number": s.number, "story": s.text, **record} for s in stories]
+    rows = [*before, *story_rows(stories, record)]
     with replaced_atomically(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         if output.suffix.lower() == ".csv":
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt", "number", "story"])
@@ -561,6 +584,22 @@ def write_stories(path, stories: list[Story], record: dict) -> Path:
         else:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return output
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a stories file write_stories wrote (CSV values as strings), or a UserError naming the file."""
+    output = check_output_path(str(path))
+    try:
+        with open(output, encoding="utf-8", newline="") as f:
+            if output.suffix.lower() == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read its stories ({one_line(e, 120)})") from None
+    if any(not isinstance(row, dict) or not {"prompt", "number", "story"} <= set(row) for row in rows):
+        raise UserError(f"{path}: not a stories file of tsg generate (rows need prompt, number and story)")
+    return rows
 
 
 @contextlib.contextmanager

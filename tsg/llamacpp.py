@@ -119,8 +119,10 @@ def load_gguf_model(name: str, base_model: str | None = None, device: str = "aut
     on_gpu = device.startswith("cuda") or (device == "auto" and offload and torch.cuda.is_available())
     path, folder = gguf_path(name, base_model)
     try:
-        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(str(folder)) if folder is not None else
-                                   AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+                                   if folder is not None else
+                                   AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                 trust_remote_code=False))
         n_ctx = min(gguf_context_length(path), MAX_CONTEXT)
         with quiet_native_logs():
             llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), seed=0, verbose=False,
@@ -198,6 +200,13 @@ def tell_stories(model: LlamaCppModel, prompts, settings: Settings | None = None
                  **overrides) -> list[Story]:
     """`num_return_sequences` stories for each prompt, one at a time, from llama.cpp (see the module's docstring);
     `stream` prints the one story as it grows, as tsg.generation streams it."""
+    return [story for batch in iter_stories(model, prompts, settings, stream=stream, **overrides) for story in batch]
+
+
+def iter_stories(model: LlamaCppModel, prompts, settings: Settings | None = None, *, stream: bool = False,
+                 start: int = 0, **overrides):
+    """tell_stories one prompt at a time: yields each prompt's stories as soon as they are told, from the prompt
+    `start` on (seeded as a run from the first prompt seeds them)."""
     import llama_cpp
 
     llm, tokenizer = model.llm, model.tokenizer
@@ -212,11 +221,12 @@ def tell_stories(model: LlamaCppModel, prompts, settings: Settings | None = None
     process = logits_processor(settings, banned_token_sequences(tokenizer, settings.banned_words))
     sampling = dict(temp=1.0, top_k=settings.top_k or llm.n_vocab(), top_p=settings.top_p) if settings.do_sample \
         else dict(temp=0.0)  # temperature 0: llama.cpp takes the likeliest token
-    stories = []
-    for prompt, text in zip(prompts, texts):
+    for index in range(start, len(prompts)):
+        prompt, text, stories = prompts[index], texts[index], []
         ids = tokenizer(text)["input_ids"]
         for number in range(settings.num_return_sequences):
-            llm.set_seed((settings.seed + len(stories)) % (2**32 - 1))  # 2**32 - 1 is llama.cpp's "any seed"
+            k = index * settings.num_return_sequences + number  # the story's place among all the prompts' stories
+            llm.set_seed((settings.seed + k) % (2**32 - 1))  # 2**32 - 1 is llama.cpp's "any seed"
             streamer = StoryStreamer(tokenizer, prompt, settings.start_marker, settings.end_marker) if stream else None
             if streamer:
                 streamer.put(torch.tensor(ids))
@@ -236,4 +246,4 @@ def tell_stories(model: LlamaCppModel, prompts, settings: Settings | None = None
             continuation = tokenizer.decode(new[:len(new) - ended], skip_special_tokens=True).strip()
             stories.append(Story(prompt, number + 1, clean_story(decoded, prompt, settings.start_marker,
                                                                  settings.end_marker), len(new), continuation, ended))
-    return stories
+        yield stories

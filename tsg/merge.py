@@ -26,6 +26,9 @@ class MergeArguments:
     base_model: Optional[str] = option(None, "The base to merge into (default: the one adapter_config.json names).")
     atol: float = option(adapter.ATOL, "Absolute logit tolerance of the self-check.")
     rtol: float = option(adapter.RTOL, "Tolerance relative to the largest logit.")
+    allow_changed_base: bool = option(False, "Merge even into a base that is not the one the adapter was trained on "
+                                      "(its adapter_base.json).")
+    trust_remote_code: bool = option(False, "Run Python code the base model's folder names (auto_map in its config).")
 
     def __post_init__(self):
         for name in ("run_dir", "out_dir"):
@@ -38,7 +41,8 @@ MERGE = Command(name="merge", types=(MergeArguments,), description=__doc__,
 
 
 def merge(options: MergeArguments) -> dict:
-    report = adapter.merge(options.run_dir, options.out_dir, options.atol, options.rtol, options.base_model)
+    report = adapter.merge(options.run_dir, options.out_dir, options.atol, options.rtol, options.base_model,
+                           options.allow_changed_base, options.trust_remote_code)
     logger.info("merged %s + %s into %s; logits match the adapter's within %.2g (tolerance %.2g)",
                 report["base_model"], options.run_dir, options.out_dir, report["max_abs_logit_diff_vs_adapter"],
                 report["tolerance"])

@@ -9,6 +9,9 @@ QLoRA follows the known-good recipe: `BitsAndBytesConfig`, each process loading 
 device, `prepare_model_for_kbit_training` (input gradients on, non-reentrant checkpointing), then
 `get_peft_model`. Adapters record their base model as an absolute path when it is a local folder, so
 that `tsg.adapter` finds it from anywhere.
+
+No Python code from a model folder runs unless `trust_remote_code` is on: a folder whose config names code of its
+own (`auto_map`) is refused (check_remote_code).
 """
 
 from __future__ import annotations
@@ -39,6 +42,36 @@ from tsg.data import END_OF_STORY
 from tsg.files import UserError, one_line
 
 STORY_ATTENTION = "sdpa_by_story"  # the attention of `isolated` training on a CPU: see story_attention
+REMOTE_CODE_OPTION = "--trust_remote_code true"
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_remote_code(name: str | None, allowed: bool, option: str | None = REMOTE_CODE_OPTION) -> None:
+    """Refuse a local model folder that asks to run Python code of its own (an `auto_map` in its config.json or
+    tokenizer_config.json) unless `allowed`: transformers would run that code, or, for a model type it knows, load its
+    own class instead without a word. `option` is what turns it on (None: the command has none)."""
+    if allowed or not name:
+        return
+    folder = Path(name).expanduser()
+    for file in REMOTE_CODE_FILES:
+        try:
+            config = json.loads((folder / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no such file (a hub name), or one transformers will report
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise UserError(_remote_code_message(str(folder / file), option))
+
+
+def refused_remote_code(error: Exception, name: str, option: str | None = REMOTE_CODE_OPTION) -> None:
+    """transformers' refusal of a hub model's own code (trust_remote_code off) as tsg's one-line error."""
+    if "trust_remote_code" in str(error):
+        raise UserError(_remote_code_message(name, option)) from None
+
+
+def _remote_code_message(where: str, option: str | None) -> str:
+    return (f"{where}: the model asks to run Python code of its own (auto_map); "
+            + (f"tsg runs a model folder's code only with {option}" if option else
+               "this command never runs a model folder's code"))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
@@ -62,9 +95,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
 def load_tokenizer(args: StoryArguments) -> PreTrainedTokenizerBase:
     """The named tokenizer (tokenizer_name, else the model's own), with a pad token (EOS when it has none)."""
     name = args.tokenizer_name or args.model_name_or_path
+    check_remote_code(name, args.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
+        refused_remote_code(e, name)
         key = "tokenizer_name" if args.tokenizer_name else "model_name_or_path"
         raise UserError(f"{key}={name!r}: no tokenizer could be loaded ({one_line(e, 200)})") from None
     return with_pad_token(tokenizer)
@@ -160,9 +195,12 @@ def load_pretrained(args: StoryArguments, on_cpu: bool, process_index: int = 0) 
         kwargs.update(quantization_config=quantization, device_map={"": "cpu" if on_cpu else process_index})
         if args.load_in_4bit:
             kwargs["dtype"] = quantization.bnb_4bit_compute_dtype
+    check_remote_code(args.model_name_or_path, args.trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code,
+                                                    **kwargs)
     except (OSError, ValueError) as e:
+        refused_remote_code(e, args.model_name_or_path)
         raise UserError(
             f"model_name_or_path={args.model_name_or_path!r}: no causal LM could be loaded "
             f"({one_line(e, 200)})"
@@ -309,9 +347,12 @@ def resolve_block_size(args: StoryArguments) -> int:
         return args.block_size
     if args.from_scratch:
         return args.max_position_embeddings
+    check_remote_code(args.model_name_or_path, args.trust_remote_code)
     try:
-        context = context_length(AutoConfig.from_pretrained(args.model_name_or_path))
+        context = context_length(AutoConfig.from_pretrained(args.model_name_or_path,
+                                                            trust_remote_code=args.trust_remote_code))
     except (OSError, ValueError) as e:
+        refused_remote_code(e, args.model_name_or_path)
         raise UserError(f"model_name_or_path={args.model_name_or_path!r}: no model config could be loaded "
                         f"({one_line(e, 200)})") from None
     if context is None:

@@ -8,32 +8,62 @@ The output folder (`output_dir`) ends up holding a model and tokenizer that `Aut
 `AutoTokenizer.from_pretrained` load, `run_config.json` (the resolved config and the versions it ran with),
 checkpoints and metrics. Nothing but a tokenizer trained here is written there before the config, the stories and
 the model have loaded.
+
+Nothing is lost when a run is cut short:
+
+- SIGTERM (SLURM, spot machines, `kill`): the optimizer step under way ends, a checkpoint of it is saved, and the
+  run exits with code 1 and one line naming the checkpoint; `--resume_from_checkpoint true` goes on from it.
+- SIGKILL or a crash: `--resume_from_checkpoint true` goes on from the newest complete checkpoint (one cut short
+  is skipped). In any epoch, the resumed run sees the batches the uninterrupted one would have: the Trainer's
+  sampler is seeded by `data_seed` (or `seed`) and the epoch, and the batches of the epoch already trained are
+  skipped.
+- A full disk (ENOSPC, EDQUOT) while saving: one line, exit code 1; what was written of that checkpoint is
+  removed, so the earlier complete ones are what resume finds.
+- Resuming writes `run_config.resume-N.json` beside the first `run_config.json`, which stays as it was.
+- Secrets: a `--hub_token` goes to the Hub client through the environment (`HF_TOKEN`) for the run, not into
+  `training_args.bin`, and is blanked from `sys.argv` (which W&B records); tokens from the environment
+  (`HF_TOKEN`, `WANDB_API_KEY`) are never written by tsg.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from tsg import data, model as models
+from tsg.callbacks import StopOnSignal
 from tsg.config import RunError, StoryArguments, write_run_config
-from tsg.files import UserError
+from tsg.files import UserError, check_weights
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RunError):
     """The training loss became NaN or infinite; the run stopped before the optimizer step."""
+
+
+class Interrupted(RunError):
+    """A signal (SIGTERM) stopped the run after saving a checkpoint of its last optimizer step."""
+
+
+class DiskFull(RunError):
+    """No space left on the device (or over quota) while saving; what was written of the save is removed."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class StoryTrainer(Trainer):
@@ -66,6 +96,26 @@ class StoryTrainer(Trainer):
                 "resume from it with a lower learning_rate (or max_grad_norm, warmup_steps)"
             )
         return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint; on a full disk, the half-written folder removed (so that no resume can take
+        it) and a DiskFull naming the last complete checkpoint."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise disk_full(e, f"checkpoint {folder} (removed what was written of it)", self.args.output_dir) from e
+
+
+def disk_full(error: OSError, what: str, output_dir: str) -> DiskFull:
+    last = last_complete_checkpoint(output_dir)
+    return DiskFull(f"{os.strerror(error.errno).lower()} while saving {what}. The last complete checkpoint is "
+                    f"{last or 'none (no checkpoint was saved yet)'}: free some space, then run the same command "
+                    "with --resume_from_checkpoint true")
 
 
 def checkpoint_step(folder: str | Path) -> int | None:
@@ -109,10 +159,12 @@ def resolve_resume(training_args: TrainingArguments, overwrite: bool) -> str | N
             raise UserError(f"resume_from_checkpoint=true but output_dir={str(output)!r} holds no complete checkpoint")
         if existing != complete:
             logger.info(f"{existing} was cut short (no complete trainer_state.json): resuming from {complete}")
+        check_weights(complete)  # weights cut short: one line now, not a traceback when the Trainer loads them
         return complete
     if not is_complete_checkpoint(value):
         raise UserError(f"resume_from_checkpoint={value!r} is not a complete checkpoint folder "
                           "(no readable trainer_state.json for its step)")
+    check_weights(value)
     return value
 
 
@@ -150,6 +202,9 @@ def build_blocks(args: StoryArguments, training_args: TrainingArguments, stories
 def report_start(args, training_args, summary, model, blocks) -> None:
     """The derived numbers a user checks before waiting for a run."""
     trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    if not total:  # DeepSpeed ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its full size
+        trainable = sum(p.ds_numel for p in model.parameters() if p.requires_grad)
+        total = sum(p.ds_numel for p in model.parameters())
     world = training_args.world_size
     rows_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
     batches = math.ceil(len(blocks["train"]) / (training_args.per_device_train_batch_size * world))
@@ -199,6 +254,8 @@ def clear_output(output_dir: str) -> None:
     output = Path(output_dir)
     for old in [*output.glob("checkpoint-*"), output / "merged"]:
         shutil.rmtree(old, ignore_errors=True)
+    for old in output.glob("run_config.resume-*.json"):
+        old.unlink(missing_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"):
         (output / name).unlink(missing_ok=True)
 
@@ -224,6 +281,10 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
+    if args.use_peft:  # adapter_base.json beside each adapter saved: what merging checks the base against
+        from tsg.adapter import RecordBaseCallback
+
+        trainer.add_callback(RecordBaseCallback(args.model_name_or_path))
     if "validation" in blocks:
         trainer.eval_tokens_per_byte = data.count_labels(blocks["validation"]) / data.count_bytes(stories["validation"])
     if "wandb" in training_args.report_to:
@@ -265,16 +326,60 @@ def set_log_levels(training_args: TrainingArguments) -> None:
     logging.getLogger("tsg").setLevel(level)
 
 
+@contextlib.contextmanager
+def hub_token_in_environment(training_args: TrainingArguments):
+    """`hub_token` moved out of TrainingArguments (which the Trainer pickles into every training_args.bin) into
+    HF_TOKEN, where huggingface_hub finds it for push_to_hub, for the block; its value in sys.argv (which W&B
+    records as the command line) is replaced by `<HUB_TOKEN>`."""
+    token = training_args.hub_token
+    if not token:
+        yield
+        return
+    sys.argv[:] = [word.replace(token, "<HUB_TOKEN>") for word in sys.argv]
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    training_args.hub_token = None
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = saved
+
+
 def train(args: StoryArguments, training_args: TrainingArguments) -> None:
-    """The whole run: everything checked and built first, then the output folder written, trained and saved."""
+    """The whole run: everything checked and built first, then the output folder written, trained and saved.
+
+    SIGTERM while training saves a checkpoint and raises Interrupted; a full disk while saving raises DiskFull
+    (both one line naming the checkpoint to resume from, exit code 1)."""
     set_log_levels(training_args)
     resume = resolve_resume(training_args, args.overwrite_output_dir)
     set_seed(training_args.seed)
-    setup_wandb(training_args, Path(training_args.output_dir).name)
-    trainer = build_trainer(args, training_args, resume)
-    if training_args.process_index == 0:  # only now that everything was checked and built
-        if args.overwrite_output_dir and not resume:
-            clear_output(training_args.output_dir)
-        write_run_config(args, training_args)
-    result = trainer.train(resume_from_checkpoint=resume)
-    save(trainer, result)
+    with hub_token_in_environment(training_args):
+        setup_wandb(training_args, Path(training_args.output_dir).name)
+        trainer = build_trainer(args, training_args, resume)
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+        try:
+            if training_args.process_index == 0:  # only now that everything was checked and built
+                if args.overwrite_output_dir and not resume:
+                    clear_output(training_args.output_dir)
+                write_run_config(args, training_args, resume)
+            with stop.installed():
+                result = trainer.train(resume_from_checkpoint=resume)
+            if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+                checkpoint = Path(training_args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{stop.stopped_at}"
+                raise Interrupted(f"{stop.signal_name} received: stopped after step {stop.stopped_at} of "
+                                  f"{trainer.state.max_steps} and saved checkpoint {checkpoint}: to go on, run the "
+                                  "same command with --resume_from_checkpoint true")
+            save(trainer, result)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # an orderly end for every rank: a process group left to interpreter exit can abort the process
+                # ("terminate called without an active exception") after the model was saved
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            raise disk_full(e, f"in {training_args.output_dir}", training_args.output_dir) from e
