@@ -8,6 +8,7 @@ tokenizer is trained locally on the embedded TinyStories sample.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import sys
@@ -112,6 +113,31 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def train_with_callback(callback: str, arguments: int = 0) -> str:
+    """Source of a child process running tsg.train.main with one extra TrainerCallback: `callback` defines the class
+    `Callback` (its source may read the names `os`, `signal`, `sys` and `TrainerCallback`, and the first `arguments`
+    command-line words, `sys.argv[1:1 + arguments]`); the words after those are tsg train's command line."""
+    return f"""
+import os, signal, sys
+from transformers import TrainerCallback
+from tsg import train, trainer as training
+{callback}
+build = training.build_trainer
+def build_with_callback(*a, **k):
+    trainer = build(*a, **k)
+    trainer.add_callback(Callback())
+    return trainer
+training.build_trainer = build_with_callback
+train.main(sys.argv[1 + {arguments}:])
+"""
+
+
+def logged_losses(folder: Path) -> dict[int, float]:
+    """Step -> training loss, from a run folder's trainer_state.json."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
 
 
 def accelerate_launch_cmd() -> list[str]:

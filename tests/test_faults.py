@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch_cmd, error_line, python_env, tiny_cli, write_txt
+from conftest import (REPO, accelerate_launch_cmd, error_line, logged_losses, python_env, tiny_cli,
+                      train_with_callback, write_txt)
 from tsg import train, trainer as training
 
 STEPS_PER_EPOCH = 6  # 41 blocks of 64 tokens from the first 8 sample stories, 8 rows a step
@@ -29,35 +30,18 @@ RUN = dict(max_steps=16, save_steps=5, logging_steps=1, per_device_train_batch_s
 
 # tsg.train.main in a child process that sends the signal argv[1] to its own process group during optimizer step
 # argv[2] (from that step's on_step_begin); argv[3:] is tsg train's command line.
-CHILD = """
-import os, signal, sys
-from transformers import TrainerCallback
-from tsg import train, trainer as training
-
+CHILD = train_with_callback("""
 name, step = sys.argv[1], int(sys.argv[2])
 
-class Fault(TrainerCallback):
+class Callback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == step:
             os.killpg(os.getpgrp(), getattr(signal, name))
-
-build = training.build_trainer
-def build_and_arm(*a, **k):
-    trainer = build(*a, **k)
-    trainer.add_callback(Fault())
-    return trainer
-training.build_trainer = build_and_arm
-train.main(sys.argv[3:])
-"""
-
-
-def _losses(folder: Path) -> dict[int, float]:
-    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+""", arguments=2)
 
 
 def _assert_same_losses(resumed: Path, reference: dict[int, float], first: int) -> None:
-    losses = _losses(resumed)
+    losses = logged_losses(resumed)
     assert max(losses) == max(reference) == RUN["max_steps"]
     for step in range(first, RUN["max_steps"] + 1):
         assert math.isclose(losses[step], reference[step], rel_tol=1e-4), (step, losses[step], reference[step])
@@ -77,7 +61,7 @@ def reference(tmp_path_factory, stories) -> dict[int, float]:
     """The losses of the uninterrupted run, step by step."""
     out = tmp_path_factory.mktemp("straight") / "out"
     train.main(tiny_cli(stories, out, **RUN))
-    return _losses(out)
+    return logged_losses(out)
 
 
 def _child(signal_name: str, step: int, argv: list[str]) -> subprocess.CompletedProcess:
@@ -148,25 +132,15 @@ def test_full_disk_keeps_the_last_complete_checkpoint(tmp_path, stories, referen
 
 
 # tsg.train.main in a child process that says whether the Hub client finds the --hub_token while the run trains.
-TOKEN_CHILD = """
-import sys
+TOKEN_CHILD = train_with_callback("""
 import huggingface_hub
-from transformers import TrainerCallback
-from tsg import train, trainer as training
-
-class Check(TrainerCallback):
-    def on_train_end(self, args, state, control, **kwargs):
-        print("hub token usable:", huggingface_hub.get_token() == HUB_TOKEN, flush=True)
 
 HUB_TOKEN = sys.argv[sys.argv.index("--hub_token") + 1]
-build = training.build_trainer
-def build_and_check(*a, **k):
-    trainer = build(*a, **k)
-    trainer.add_callback(Check())
-    return trainer
-training.build_trainer = build_and_check
-train.main(sys.argv[1:])
-"""
+
+class Callback(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        print("hub token usable:", huggingface_hub.get_token() == HUB_TOKEN, flush=True)
+""")
 
 
 def test_no_secret_reaches_a_saved_file(tmp_path, stories):
@@ -194,24 +168,12 @@ def test_no_secret_reaches_a_saved_file(tmp_path, stories):
 
 
 # Under two processes (DDP over gloo), SIGTERM to rank 1 only, during optimizer step 4.
-DDP_CHILD = """
-import os, signal, sys
-from transformers import TrainerCallback
-from tsg import train, trainer as training
-
-class Fault(TrainerCallback):
+DDP_CHILD = train_with_callback("""
+class Callback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 == 4 and args.process_index == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-
-build = training.build_trainer
-def build_and_arm(*a, **k):
-    trainer = build(*a, **k)
-    trainer.add_callback(Fault())
-    return trainer
-training.build_trainer = build_and_arm
-train.main(sys.argv[1:])
-"""
+""")
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, stories):

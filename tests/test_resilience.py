@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, python_env, tiny_cli
+from conftest import REPO, logged_losses, python_env, tiny_cli, train_with_callback
 from tsg import train, trainer as training
 from tsg.files import UserError
 
@@ -19,29 +19,12 @@ RUN = dict(max_steps=16, save_steps=4, logging_steps=1, learning_rate=3e-3, seed
 
 # Runs tsg.train.main in a child process whose callback SIGKILLs the child's whole process group mid-run,
 # between two checkpoints (step 10; checkpoints at 4 and 8).
-KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-from tsg import train, trainer as training
-
-class Kill(TrainerCallback):
+KILLER = train_with_callback("""
+class Callback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 10:
             os.killpg(os.getpgrp(), signal.SIGKILL)
-
-build = training.build_trainer
-def build_and_arm(*a, **k):
-    trainer = build(*a, **k)
-    trainer.add_callback(Kill())
-    return trainer
-training.build_trainer = build_and_arm
-train.main(sys.argv[1:])
-"""
-
-
-def _losses(folder) -> dict[int, float]:
-    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+""")
 
 
 def test_sigkilled_run_resumes_to_the_same_end(tmp_path, small_txt):
@@ -60,7 +43,7 @@ def test_sigkilled_run_resumes_to_the_same_end(tmp_path, small_txt):
 
     train.main(tiny_cli(small_txt, killed, "--resume_from_checkpoint", "true", **RUN))
 
-    resumed, reference = _losses(killed), _losses(straight)
+    resumed, reference = logged_losses(killed), logged_losses(straight)
     assert max(resumed) == max(reference) == 16
     for step in range(9, 17):  # the steps trained after the resume, from checkpoint-8 (not the partial 12)
         assert math.isclose(resumed[step], reference[step], rel_tol=1e-4), (step, resumed[step], reference[step])
