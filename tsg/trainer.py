@@ -374,11 +374,6 @@ def train(args: StoryArguments, training_args: TrainingArguments) -> None:
                                   f"{trainer.state.max_steps} and saved checkpoint {checkpoint}: to go on, run the "
                                   "same command with --resume_from_checkpoint true")
             save(trainer, result)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # an orderly end for every rank: a process group left to interpreter exit can abort the process
-                # ("terminate called without an active exception") after the model was saved
-                torch.distributed.barrier()
-                torch.distributed.destroy_process_group()
         except OSError as e:
             if e.errno not in NO_SPACE:
                 raise
