@@ -27,7 +27,7 @@ NEWEST_RUN = $$(ls -td runs/*/ 2>/dev/null | while read d; do \
 	if [ -f "$$d/config.json" ] || [ -f "$$d/adapter_config.json" ]; then echo "$${d%/}"; break; fi; done)
 NO_RUN = no trained model under runs/: run make demo first, or pass MODEL=DIR
 
-.PHONY: install demo train generate merge eval evaluate export clients bench test clean
+.PHONY: install demo train generate merge eval evaluate export play clients bench test clean
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	command -v nvidia-smi >/dev/null 2>&1 || \
 		$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e ".[dev,onnx]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,play]"
 	touch $@
 
 # Train configs/tiny_cpu.json from scratch for DEMO_STEPS steps, then tell stories.
@@ -83,6 +83,12 @@ export: install
 	if [ -z "$$model" ]; then echo "make export: $(NO_RUN)" >&2; exit 2; fi; \
 	$(BIN)/tsg export "$$model" --format $(FORMAT) --outtype $(OUTTYPE) $(ARGS)
 
+# make play [MODEL="runs/tiny_cpu runs/other"] [PORT=7860] [ARGS="--host 0.0.0.0"]: the story playground in the browser,
+# at http://127.0.0.1:PORT (the models named first, then every model under runs/).
+PORT ?= 7860
+play: install
+	$(BIN)/tsg play $(MODEL) --port $(PORT) $(ARGS)
+
 # make clients: what the optional client tests run against, built once into CLIENTS (outside the repo, ~25 minutes
 # on 2 cores): llama.cpp's llama-completion and llama-tokenize from the llama-cpp-python source distribution on PyPI
 # (it vendors llama.cpp), the `llamacpp` extra in the venv (llama-cpp-python, for `tsg generate --backend llama.cpp`),
@@ -105,7 +111,7 @@ $(LLAMA_CPP)/build/bin/llama-completion: | $(VENV)/.installed
 
 # pip builds llama-cpp-python from source (minutes) and keeps the wheel in its cache
 $(VENV)/.llamacpp: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,llamacpp]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,onnx,play,llamacpp]"
 	touch $@
 
 $(TRANSFORMERS4)/.installed:

@@ -90,6 +90,28 @@ def tiny_model():
     return build
 
 
+def save_random_model(folder: Path, tokenizer, seed: int, context: int = 256, width: int = 64) -> Path:
+    """A random 2-layer GPT-2 with the test tokenizer, as save_pretrained leaves it (it rarely ends a story)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=width, n_head=4, n_positions=context, vocab_size=len(tokenizer),
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_evaluated_run(train_file, output_dir) -> Path:
+    """A tiny `tsg train` run of 6 steps, evaluated every 3 (what loss.png and tsg play's Runs tab draw)."""
+    from tsg import train
+
+    train.main(tiny_cli(train_file, output_dir, max_steps=6, eval_strategy="steps", eval_steps=3,
+                        validation_split_percentage=20))
+    return Path(output_dir)
+
+
 def tiny_cli(train_file, output_dir, *extra: str, **values) -> list[str]:
     """Command-line words for `tsg.train.main`: a tiny from-scratch GPT-2 trained for a few steps on the CPU."""
     options = dict(

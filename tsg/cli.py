@@ -18,6 +18,7 @@ COMMANDS = {
     "generate": ("tsg.generate", "tell stories with a trained model, an adapter run or a hub model"),
     "evaluate": ("tsg.evaluate.__main__", "held-out loss and bits per byte, and scores of the stories a model tells"),
     "export": ("tsg.export", "a model as a GGUF file for llama.cpp, checked against the model's own logits"),
+    "play": ("tsg.play", "a story playground in the browser: tell, compare two models, see a run's loss curves"),
     "bench": ("tsg.bench", "measure what each choice costs: throughput, MFU, memory, generation speed"),
 }
 

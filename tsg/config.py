@@ -281,13 +281,23 @@ def split_command_line(command: Command, argv: list[str]) -> tuple[Optional[str]
         leading.append(argv.pop(0))
     if leading and config is None and Path(leading[0]).suffix.lower() in CONFIG_SUFFIXES:
         config = leading.pop(0)
-    if len(leading) > len(command.positional):
-        extra = leading[len(command.positional)]
+    names = list(command.positional)
+    if names and _is_list(field_names(command)[names[-1]]):  # the last positional field, a list, takes the rest
+        names += [names[-1]] * max(0, len(leading) - len(names))
+    if len(leading) > len(names):
+        extra = leading[len(names)]
         what = ("a second config file" if Path(extra).suffix.lower() in CONFIG_SUFFIXES else "an unexpected word")
         hint = f" (options take two dashes: --{extra})" if extra in field_names(command) else ""
         raise UserError(f"command line: {what} '{extra}'{hint}")
-    positional = [w for name, value in zip(command.positional, leading) for w in (f"--{name}", value)]
+    positional = []
+    for name in dict.fromkeys(names):
+        values = [value for field_name, value in zip(names, leading) if field_name == name]
+        positional += [f"--{name}", *values] if values else []
     return config, positional + argv
+
+
+def _is_list(f) -> bool:
+    return str(f.type).startswith(("list", "typing.List", "Optional[list", "typing.Optional[list"))
 
 
 def check_option_words(command: Command, words: list[str]) -> None:

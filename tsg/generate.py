@@ -27,7 +27,8 @@ from tsg import llamacpp
 from tsg.config import Command, SeedKey, option, run, seed_bool
 from tsg.files import UserError, read_lines
 from tsg.generation import (ModelArguments, Settings, check_output_path, fit_to_context, iter_stories,
-                            progress_bars_only_on_a_terminal, prompt_texts, read_rows, write_stories)
+                            output_record, progress_bars_only_on_a_terminal, prompt_texts, read_rows,
+                            write_stories)
 from tsg.model import context_length
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -161,8 +162,7 @@ def generate(model_args: ModelArguments, options: GenerateArguments, settings: S
                 device = str(loaded.device)
                 batches = iter_stories(loaded, tokenizer, prompts, settings, stream=stream, compile=options.compile,
                                        start=start)
-            record = {"model": model_args.model, "quantization": model_args.quantization, "device": device,
-                      "backend": options.backend, **settings.record()}
+            record = output_record(model_args.model, model_args.quantization, device, options.backend, settings)
             check_same_settings(options.output, before, record)
             if before:
                 logger.info("resuming: %d of %d prompts told already in %s", start, len(prompts), options.output)

@@ -24,10 +24,12 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig, TextStreamer, set_seed
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig, StoppingCriteria,
+                          StoppingCriteriaList, TextStreamer, set_seed)
+from transformers.generation.streamers import BaseStreamer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as hf_logging
 
@@ -42,6 +44,13 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 MAX_SPELLINGS = 20_000  # token sequences per banned word (all variants): ~15 letters with a 4k vocabulary
 
 logger = logging.getLogger(__name__)
+
+
+# (lowest, highest) of each number Settings checks, None where unbounded, for controls that show them (tsg play);
+# temperature and top_p must be above their lowest, repetition_penalty too, the others may equal it
+LIMITS = {"max_new_tokens": (1, None), "temperature": (0, None), "top_k": (0, None), "top_p": (0, 1),
+          "repetition_penalty": (0, None), "num_beams": (1, None), "num_return_sequences": (1, None),
+          "seed": (0, 2**32 - 1), "batch_size": (1, None)}
 
 
 @dataclass(frozen=True)
@@ -438,6 +447,39 @@ class StoryStreamer(TextStreamer):
         return max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
 
+class RowsStreamer(BaseStreamer):
+    """Hands `on_text` every story of a one-prompt batch so far (a list of texts, one a row), decoded and cleaned as
+    the finished stories are, after each token: what a page shows growing (tsg play). Rows that ended add nothing
+    (their pad tokens are special)."""
+
+    def __init__(self, tokenizer, prompt: str, settings: "Settings", on_text: Callable[[list[str]], None]):
+        self.tokenizer, self.prompt, self.settings, self.on_text = tokenizer, prompt, settings, on_text
+        self.rows: list[list[int]] | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.rows is None:  # generate()'s first call: the prompt of every row, left padded
+            self.rows = [list(row) for row in value.reshape(value.shape[0], -1).tolist()]
+        else:
+            for row, token in zip(self.rows, value.reshape(-1).tolist()):
+                row.append(token)
+        texts = self.tokenizer.batch_decode(self.rows, skip_special_tokens=True)
+        self.on_text([clean_story(text, self.prompt, self.settings.start_marker, self.settings.end_marker)
+                      for text in texts])
+
+    def end(self) -> None:
+        self.rows = None
+
+
+class StopWhenSet(StoppingCriteria):
+    """Ends every row at its next token once `event` (a threading.Event) is set: a Stop button."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def new_token_counts(new: torch.Tensor, eos_ids: list[int]) -> list[int]:
     """Tokens each row of `new` (the generated part of generate()'s output) told: up to and including its first
     end-of-story token (generate() pads a finished row with the pad token, which may be that same token)."""
@@ -476,21 +518,24 @@ def decoding_layout(model):
 
 
 def generate_batches(model, tokenizer, texts: list[str], config: GenerationConfig, batch_size: int, seed: int,
-                     streamer=None, progress: bool = False, start: int = 0):
+                     streamer=None, progress: bool = False, start: int = 0, stop=None):
     """generate() on `texts[start:]` in left-padded batches: (index of the batch's first text, the output, its
     generated part) for each batch, in order. Each batch is seeded with `seed` + the index of its first text, so that
     a batch tells the same stories whether or not the batches before it were told in this run (`tsg generate
-    --resume`)."""
+    --resume`). `stop` (a threading.Event), once set, ends the batch under way at its next token and the batches."""
     from tqdm.auto import tqdm
 
+    criteria = {"stopping_criteria": StoppingCriteriaList([StopWhenSet(stop)])} if stop is not None else {}
     with decoding_layout(model):  # laid out once for all the batches
         for first in tqdm(range(start, len(texts), batch_size), desc="Telling stories", unit="batch",
                           disable=not progress):
+            if stop is not None and stop.is_set():
+                return
             inputs = tokenizer(texts[first:first + batch_size], return_tensors="pt", padding=True,
                                padding_side="left").to(model.device)
             set_seed((seed + first) % 2**32)
             with torch.inference_mode():
-                output = model.generate(**inputs, generation_config=config, streamer=streamer,
+                output = model.generate(**inputs, generation_config=config, streamer=streamer, **criteria,
                                         **({"tokenizer": tokenizer} if config.stop_strings else {}))
             yield first, output, output[:, inputs["input_ids"].shape[1]:]
 
@@ -507,19 +552,27 @@ def tell_stories(model, tokenizer, prompts, settings: Settings | None = None, *,
 
 
 def iter_stories(model, tokenizer, prompts, settings: Settings | None = None, *, stream: bool = False,
-                 compile: bool = False, progress: bool = False, start: int = 0, **overrides):
+                 compile: bool = False, progress: bool = False, start: int = 0,
+                 on_text: Callable[[list[str]], None] | None = None, stop=None, **overrides):
     """tell_stories one batch at a time: yields each batch's stories as soon as they are told, from the prompt
-    `start` on (a multiple of batch_size tells exactly what a run from the first prompt would tell there)."""
+    `start` on (a multiple of batch_size tells exactly what a run from the first prompt would tell there).
+    `on_text`: called with every story so far after each token (one prompt, no beam search; see RowsStreamer).
+    `stop`: a threading.Event that, once set, ends the stories under way at their next token (see
+    generate_batches). Neither changes which stories are told."""
     settings = replace(settings or Settings(), **overrides)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = prompt_texts(prompts, settings.start_marker)
     settings = fit_to_context(context_length(model.config), tokenizer, prompts, settings)
     if stream and (len(prompts) > 1 or settings.num_return_sequences > 1 or settings.num_beams > 1):
         raise UserError("streaming tells one story from one prompt, without beam search")
+    if on_text and (len(prompts) > 1 or settings.num_beams > 1):
+        raise UserError("stories grow token by token from one prompt, without beam search")
     config = generation_config(model, tokenizer, settings, compile)
     streamer = StoryStreamer(tokenizer, prompts[0], settings.start_marker, settings.end_marker) if stream else None
+    if on_text:
+        streamer = RowsStreamer(tokenizer, prompts[0], settings, on_text)
     for first, output, new in generate_batches(model, tokenizer, texts, config, settings.batch_size, settings.seed,
-                                               streamer, progress, start):
+                                               streamer, progress, start, stop):
         yield _batch_stories(tokenizer, prompts, first, output, new.cpu(), config.eos_token_id, settings,
                              config.stop_strings)
 
@@ -564,6 +617,11 @@ def check_output_path(path: str) -> Path:
     if output.is_dir():
         raise UserError(f"output {path}: is a folder")
     return output
+
+
+def output_record(model: str, quantization: str, device: str, backend: str, settings: Settings) -> dict:
+    """What each row of a stories file records beside its story: the model, how it ran, and the settings."""
+    return {"model": model, "quantization": quantization, "device": device, "backend": backend, **settings.record()}
 
 
 def story_rows(stories: list[Story], record: dict) -> list[dict]:

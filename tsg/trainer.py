@@ -43,10 +43,10 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from tsg import data, model as models
+from tsg import data, model as models, plots
 from tsg.callbacks import StopOnSignal
 from tsg.config import RunError, StoryArguments, write_run_config
-from tsg.files import UserError, check_weights
+from tsg.files import UserError, check_weights, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,8 @@ def clear_output(output_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for old in output.glob("run_config.resume-*.json"):
         old.unlink(missing_ok=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "trainer_state.json",
+                 "loss.png"):
         (output / name).unlink(missing_ok=True)
 
 
@@ -304,11 +305,16 @@ def save(trainer: StoryTrainer, result) -> None:
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    trainer.save_state()  # after the last evaluation: its log_history has every point loss.png draws
+    if trainer.is_world_process_zero():
+        try:  # the curve for users without W&B; a run that trained and saved is not failed by its picture
+            plots.write_loss_plot(trainer.args.output_dir)
+        except Exception as e:  # noqa: BLE001 (matplotlib's errors are many)
+            logger.warning(f"no loss.png: {one_line(e, 200)}")
     logger.info(f"saved the {'adapter' if hasattr(trainer.model, 'peft_config') else 'model'} "
                       f"and tokenizer in {trainer.args.output_dir}")
 

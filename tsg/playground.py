@@ -1,0 +1,392 @@
+"""The story playground: a Gradio page over the story-telling library (tsg.generation) and a run's pictures
+(tsg.plots), served by `tsg play`.
+
+    page = build_page(Playground(["runs/tiny_cpu"]))
+    page.launch(server_name="127.0.0.1")
+
+- **Tell**: a prompt, every setting of `tsg generate` (same names, defaults and limits), the stories growing token by
+  token, Stop, and Save: the shown stories with their settings as CSV or JSON lines, the rows `tsg generate
+  --output` writes.
+- **Compare**: two models (anything `tsg generate --model` loads) on the same prompt, settings and seed.
+- **Runs**: a run folder's loss curves and bits per byte (trainer_state.json), its run_config.json, and its
+  eval_report.json scores.
+
+Stories are told by `iter_stories`, as `tsg generate` tells them: the same model, prompt, settings and seed give the
+command line's stories. Bad input is one line on the page (the command line's message), never a stack trace.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Iterator, get_type_hints
+
+from tsg.files import UserError, one_line
+from tsg.generation import (LIMITS, QUANTIZATIONS, Settings, Story, check_model_name, fit_to_context, iter_stories,
+                            load_model, output_record, write_stories)
+from tsg.model import context_length
+from tsg.plots import loss_figure, read_log_history, run_state_file
+from tsg.scoring import SCORE_KEYS
+
+logger = logging.getLogger(__name__)
+
+# batch_size is left out: the page tells one prompt at a time, whose stories are one batch whatever it is
+SETTINGS_SHOWN = [f for f in fields(Settings) if f.name != "batch_size"]
+LOADED_MODELS = 2  # models kept in memory: the two of a comparison
+REFRESH_SECONDS = 0.1  # how often the page is sent the stories so far
+
+
+@dataclass
+class Told:
+    """What one press of Tell told: the stories and what a stories file records beside them."""
+
+    stories: list[Story]
+    record: dict
+
+
+def show_stories(texts: list[str]) -> str:
+    """Stories as the page shows them: one as it is, several numbered as `tsg generate` prints them."""
+    if len(texts) == 1:
+        return texts[0]
+    return "\n\n".join(f"--- story {i} ---\n{text}" for i, text in enumerate(texts, 1))
+
+
+def settings_from(values) -> Settings:
+    """Settings from the page's controls (values in SETTINGS_SHOWN's order; banned words comma-separated)."""
+    kinds = get_type_hints(Settings)
+    given = {}
+    for f, value in zip(SETTINGS_SHOWN, values):
+        kind = kinds[f.name]
+        if kind in (int, float):
+            if value is None or value == "":
+                raise UserError(f"{f.name}: expected a number")
+            if kind is int and float(value) != int(float(value)):
+                raise UserError(f"{f.name}: expected an integer, got {value}")
+            value = kind(float(value)) if kind is int else float(value)
+        elif kind is bool:
+            value = bool(value)
+        elif kind == list[str]:
+            value = [word.strip() for word in str(value or "").replace("\n", ",").split(",") if word.strip()]
+        else:
+            value = str(value or "")
+        given[f.name] = value
+    return Settings(**given)
+
+
+def message(error: BaseException) -> str:
+    return f"⚠️ {' '.join(str(error).split())}"
+
+
+class Playground:
+    """The page's state and actions, without the page: models loaded once, stories told one telling at a time."""
+
+    def __init__(self, models=(), runs_dir: str | Path = "runs", device: str = "auto",
+                 trust_remote_code: bool = False, allow_changed_base: bool = False):
+        self.models = list(dict.fromkeys(models))
+        self.runs_dir = Path(runs_dir)
+        self.device, self.trust_remote_code, self.allow_changed_base = device, trust_remote_code, allow_changed_base
+        self._loaded: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._telling = threading.Lock()  # one model call at a time: torch's random generator is the process's
+        self._stops: dict[str, threading.Event] = {}
+
+    # --- models ---
+
+    def model_choices(self) -> list[str]:
+        """The models given, then every model folder and adapter run under runs_dir, newest first."""
+        found = []
+        if self.runs_dir.is_dir():
+            folders = sorted(self.runs_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            found = [str(p) for p in folders
+                     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+        return list(dict.fromkeys([*self.models, *found]))
+
+    def load(self, name: str, quantization: str = "none"):
+        """(model, tokenizer) of `name`, loaded once (the last LOADED_MODELS are kept)."""
+        name = (name or "").strip()
+        if not name:
+            raise UserError("model: choose a model, or type a folder or a hub name")
+        if quantization not in QUANTIZATIONS:
+            raise UserError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        key = (name, quantization)
+        if key not in self._loaded:
+            check_model_name(name)  # a folder that is not a model: one line before anything loads
+            while len(self._loaded) >= LOADED_MODELS:
+                self._loaded.popitem(last=False)
+            self._loaded[key] = load_model(name, quantization, self.device,
+                                           allow_changed_base=self.allow_changed_base,
+                                           trust_remote_code=self.trust_remote_code)
+        self._loaded.move_to_end(key)
+        return self._loaded[key]
+
+    # --- telling ---
+
+    def stop_event(self, session: str) -> threading.Event:
+        return self._stops.setdefault(session, threading.Event())
+
+    def stop(self, session: str) -> None:
+        """Stop the stories `session` is being told: they end at their next token."""
+        self.stop_event(session).set()
+
+    def tell(self, name: str, quantization: str, prompt: str, settings: Settings,
+             stop: threading.Event | None = None) -> Iterator[tuple[list[str], Told | None]]:
+        """Tell `prompt`'s stories with model `name`: (the stories so far, None) every REFRESH_SECONDS while they
+        grow, then (their texts, Told). Bad input raises a UserError before the model runs."""
+        stop = stop or threading.Event()
+        model, tokenizer = self.load(name, quantization)
+        settings = fit_to_context(context_length(model.config), tokenizer, [prompt], settings)
+        record = output_record(name.strip(), quantization, str(model.device), "transformers", settings)
+        so_far: list[list[str]] = [[]]  # the newest texts the streamer handed over (replaced, never changed)
+        result: dict = {}
+
+        def grown(texts: list[str]) -> None:
+            so_far[0] = texts
+
+        def work():
+            try:  # beam search keeps several candidates until the end: its stories appear when told
+                batches = iter_stories(model, tokenizer, [prompt], settings, stop=stop,
+                                       on_text=grown if settings.num_beams == 1 else None)
+                result["stories"] = [story for batch in batches for story in batch]
+            except BaseException as e:  # noqa: BLE001 (handed to the page's thread)
+                result["error"] = e
+
+        with self._telling:
+            worker = threading.Thread(target=work, name="tsg-play-telling", daemon=True)
+            worker.start()
+            shown = None
+            while worker.is_alive():
+                worker.join(REFRESH_SECONDS)
+                if so_far[0] and so_far[0] is not shown:
+                    shown = so_far[0]
+                    yield shown, None
+        if "error" in result:
+            raise result["error"]
+        stories = result["stories"]
+        yield [story.text for story in stories], Told(stories, record)
+
+    def save(self, told: Told | None, output_format: str) -> str:
+        """The shown stories as a new stories file (.csv or .jsonl) in a temporary folder: its path."""
+        if told is None or not told.stories:
+            raise UserError("save: no stories yet: tell some first")
+        if output_format not in ("csv", "jsonl"):
+            raise UserError(f"save: expected csv or jsonl, got {output_format!r}")
+        path = Path(tempfile.mkdtemp(prefix="tsg-play-")) / f"stories.{output_format}"
+        return str(write_stories(path, told.stories, told.record))
+
+    # --- runs ---
+
+    def run_choices(self) -> list[str]:
+        """Folders under runs_dir whose trainer_state.json (or a checkpoint's) tells how the run went, newest first."""
+        if not self.runs_dir.is_dir():
+            return []
+        folders = [p for p in self.runs_dir.iterdir() if p.is_dir() and run_state_file(p) is not None]
+        return [str(p) for p in sorted(folders, key=lambda p: run_state_file(p).stat().st_mtime, reverse=True)]
+
+    def run_report(self, folder: str):
+        """(loss figure, run_config.json's contents or None, [[score, value]] from eval_report.json) of a run."""
+        folder = (folder or "").strip()
+        if not folder:
+            raise UserError("run: choose a run folder")
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder}: no such folder")
+        figure = loss_figure(read_log_history(folder), Path(folder).name)
+        config = read_json(Path(folder) / "run_config.json")
+        report = read_json(Path(folder) / "eval_report.json") or {}
+        scores = [[key, report[key]] for key in SCORE_KEYS if isinstance(report.get(key), (int, float))]
+        return figure, config, scores
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, None when there is no file; a UserError naming a file that is not one."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({one_line(e, 120)})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
+
+
+# --- the page ---
+
+
+def import_gradio():
+    """gradio, with its usage reports off unless asked for (GRADIO_ANALYTICS_ENABLED): a local tool stays local."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("gradio is not installed: pip install 'tsg[play]'") from None
+    return gradio
+
+
+def setting_controls(gr) -> list:
+    """One control per setting of tsg generate, with its name, help, default and limits."""
+    kinds = get_type_hints(Settings)
+    controls = []
+    for f in SETTINGS_SHOWN:
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind, info = kinds[f.name], f.metadata.get("help", "")
+        low, high = LIMITS.get(f.name, (None, None))
+        common = dict(label=f.name, info=info, elem_id=f"setting-{f.name}")
+        if kind is bool:
+            controls.append(gr.Checkbox(value=default, **common))
+        elif kind in (int, float):
+            controls.append(gr.Number(value=default, precision=0 if kind is int else None, minimum=low,
+                                      maximum=high, **common))
+        elif kind == list[str]:
+            controls.append(gr.Textbox(value=", ".join(default), **{**common, "info": info + " Comma-separated."}))
+        else:
+            controls.append(gr.Textbox(value=default, **common))
+    return controls
+
+
+def build_page(playground: Playground):
+    """The Gradio Blocks page of `playground` (launch it, or use it in a test)."""
+    gr = import_gradio()
+    choices = playground.model_choices()
+    first = choices[0] if choices else None
+
+    with gr.Blocks(title="tsg play") as page:
+        gr.Markdown("# tsg play\nTell stories with a model, compare two, and see how a run went.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    with gr.Tab("Tell", id="tell"):
+                        with gr.Row():
+                            model = gr.Dropdown(choices, value=first, label="model", allow_custom_value=True,
+                                                info="A folder saved by tsg train, an adapter run, or a hub name.",
+                                                elem_id="model")
+                            quantization = gr.Radio(list(QUANTIZATIONS), value="none", label="quantization",
+                                                    info="Load the weights in 8 or 4 bits (bitsandbytes).",
+                                                    elem_id="quantization")
+                        prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2, elem_id="prompt")
+                        with gr.Row():
+                            tell_button = gr.Button("Tell", variant="primary", elem_id="tell")
+                            stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                        stories = gr.Textbox(label="stories", lines=12, interactive=False, elem_id="stories")
+                        status = gr.Markdown(elem_id="status")
+                        with gr.Row():
+                            save_format = gr.Radio(["csv", "jsonl"], value="jsonl", label="save as",
+                                                   elem_id="save-format")
+                            save_button = gr.Button("Save the stories", elem_id="save")
+                        saved = gr.File(label="stories file", interactive=False, visible=False, elem_id="saved")
+                    with gr.Tab("Compare", id="compare"):
+                        with gr.Row():
+                            model_a = gr.Dropdown(choices, value=first, label="model A", allow_custom_value=True,
+                                                  elem_id="model-a")
+                            model_b = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else first,
+                                                  label="model B", allow_custom_value=True, elem_id="model-b")
+                        compare_prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2,
+                                                    elem_id="compare-prompt")
+                        with gr.Row():
+                            compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
+                            compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+                        with gr.Row():
+                            story_a = gr.Textbox(label="model A's stories", lines=12, interactive=False,
+                                                 elem_id="story-a")
+                            story_b = gr.Textbox(label="model B's stories", lines=12, interactive=False,
+                                                 elem_id="story-b")
+                        compare_status = gr.Markdown(elem_id="compare-status")
+                    with gr.Tab("Runs", id="runs"):
+                        runs = playground.run_choices()
+                        with gr.Row():
+                            run = gr.Dropdown(runs, value=None, label="run folder", allow_custom_value=True,
+                                              elem_id="run")
+                            refresh = gr.Button("Refresh the list", elem_id="refresh-runs")
+                        run_plot = gr.Plot(label="loss", elem_id="run-plot")
+                        run_status = gr.Markdown(elem_id="run-status")
+                        with gr.Row():
+                            run_scores = gr.Dataframe(headers=["score", "value"], label="eval_report.json",
+                                                      interactive=False, elem_id="run-scores")
+                            run_config = gr.JSON(label="run_config.json", elem_id="run-config")
+            with gr.Column(scale=1, min_width=260):
+                gr.Markdown("### Settings\ntsg generate's options, with its defaults")
+                controls = setting_controls(gr)
+        told = gr.State(None)
+
+        def tell(values: dict, request: gr.Request):
+            stop = playground.stop_event(request.session_hash)
+            stop.clear()
+            started = time.perf_counter()
+            try:
+                settings = settings_from([values[control] for control in controls])
+                yield "", "telling…", None
+                for texts, result in playground.tell(values[model], values[quantization], values[prompt], settings,
+                                                     stop):
+                    if result is None:
+                        yield show_stories(texts), "telling…", None
+                    else:
+                        yield show_stories(texts), summary(result.stories, started, stop.is_set()), result
+            except UserError as e:
+                yield "", message(e), None
+            except Exception as e:  # noqa: BLE001 (the page shows one line; the terminal the whole story)
+                logger.exception("tsg play: telling failed")
+                yield "", message(f"error: {one_line(e)}"), None
+
+        def compare(values: dict, request: gr.Request):
+            stop = playground.stop_event(request.session_hash)
+            stop.clear()
+            shown = ["", ""]
+            try:
+                settings = settings_from([values[control] for control in controls])
+                summaries = []
+                for side, name in enumerate((values[model_a], values[model_b])):
+                    started = time.perf_counter()
+                    for texts, result in playground.tell(name, values[quantization], values[compare_prompt],
+                                                         settings, stop):
+                        shown[side] = show_stories(texts)
+                        if result is not None:
+                            summaries.append(f"model {'AB'[side]}: " + summary(result.stories, started,
+                                                                               stop.is_set()))
+                        yield shown[0], shown[1], f"telling model {'AB'[side]}…"
+                yield shown[0], shown[1], "both told, with the same prompt, settings and seed: " + "; ".join(summaries)
+            except UserError as e:
+                yield shown[0], shown[1], message(e)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("tsg play: comparing failed")
+                yield shown[0], shown[1], message(f"error: {one_line(e)}")
+
+        def stop_telling(request: gr.Request):
+            playground.stop(request.session_hash)
+
+        def save(result, output_format):
+            try:
+                return gr.File(playground.save(result, output_format), visible=True), f"saved {len(result.stories)} " \
+                    f"{'story' if len(result.stories) == 1 else 'stories'} as {output_format}"
+            except UserError as e:
+                return gr.File(None, visible=False), message(e)
+
+        def show_run(folder):
+            try:
+                figure, config, scores = playground.run_report(folder)
+                note = "" if scores else "no eval_report.json scores (tsg evaluate --model RUN writes them)"
+                return figure, config, scores, note
+            except UserError as e:
+                return None, None, [], message(e)
+
+        telling = {model, quantization, prompt, *controls}  # a set: tell() is given a dict by component
+        tell_button.click(tell, telling, [stories, status, told])
+        prompt.submit(tell, telling, [stories, status, told])
+        stop_button.click(stop_telling, None, None, queue=False)
+        compare_button.click(compare, {model_a, model_b, quantization, compare_prompt, *controls},
+                             [story_a, story_b, compare_status])
+        compare_stop.click(stop_telling, None, None, queue=False)
+        save_button.click(save, [told, save_format], [saved, status])
+        run.change(show_run, [run], [run_plot, run_config, run_scores, run_status])
+        refresh.click(lambda: gr.Dropdown(choices=playground.run_choices()), None, [run])
+    return page
+
+
+def summary(stories: list[Story], started: float, stopped: bool) -> str:
+    tokens = sum(story.tokens for story in stories)
+    seconds = time.perf_counter() - started
+    told = f"{len(stories)} {'story' if len(stories) == 1 else 'stories'}, {tokens} new tokens in {seconds:.1f} s " \
+           f"({tokens / max(seconds, 1e-9):.0f} tokens/s)"
+    return told + (", stopped" if stopped else "")
