@@ -27,7 +27,8 @@ def test_tsg_help_lists_every_command_with_one_line(capsys):
     code, out, _ = run_tsg(["--help"], capsys)
     assert code == 0
     listed = [line.split()[0] for line in out.split("commands:")[1].strip().splitlines()[:len(cli.COMMANDS)]]
-    assert listed == list(cli.COMMANDS) == ["prepare", "train", "merge", "generate", "evaluate", "export", "bench"]
+    assert listed == list(cli.COMMANDS) == ["prepare", "train", "merge", "generate", "evaluate", "export", "play",
+                                            "bench"]
     assert run_tsg([], capsys)[1] == out  # no command: the same list
 
 
@@ -37,7 +38,8 @@ def test_each_command_help_shows_its_options_with_defaults(name, capsys):
     assert code == 0 and out.startswith(f"usage: tsg {name}")
     assert "-c CONFIG, --config CONFIG" in out and "(default: " in out
     expected = {"train": "--learning_rate", "generate": "--temperature", "evaluate": "--num_samples_per_prompt",
-                "merge": "--atol", "prepare": "--train_fraction", "export": "--outtype", "bench": "--tiny"}[name]
+                "merge": "--atol", "prepare": "--train_fraction", "export": "--outtype", "bench": "--tiny",
+                "play": "--port"}[name]
     assert expected in out
 
 
@@ -163,9 +165,10 @@ def test_every_command_keeps_its_options_in_one_dataclass_each():
 # --- the package ---
 
 
-LAYERS = ["files", "config", "data", "model", "adapter", "generation", "scoring", "conversion", "llamacpp", "callbacks",
-          "trainer"]
-COMMAND_MODULES = ["train", "generate", "merge", "evaluate.__main__", "prepare", "export", "bench", "cli", "__main__"]
+LAYERS = ["files", "config", "data", "model", "adapter", "generation", "scoring", "conversion", "llamacpp", "plots",
+          "playground", "callbacks", "trainer"]
+COMMAND_MODULES = ["train", "generate", "merge", "evaluate.__main__", "prepare", "export", "play", "bench", "cli",
+                   "__main__"]
 
 
 def tsg_imports(path: Path) -> set[str]:

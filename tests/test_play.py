@@ -88,6 +88,7 @@ def test_stop_ends_the_stories_at_their_next_token(model_dir):
         if result is None:
             stop.set()
     full = told(play, model_dir, "Once upon a time", settings)[-1][1]
+    assert result.stopped and not full.stopped
     assert result.stories[0].tokens < full.stories[0].tokens
     assert full.stories[0].text.startswith(result.stories[0].text)
 

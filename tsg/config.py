@@ -137,8 +137,9 @@ class _Parser(HfArgumentParser):
 
 
 def build_parser(command: Command) -> _Parser:
-    usage = " ".join(["tsg", command.name, *(name.upper() for name in command.positional), "[CONFIG]",
-                      "[--key value ...]"])
+    names = field_names(command)
+    usage = " ".join(["tsg", command.name, *(f"[{name.upper()} ...]" if _is_list(names[name]) else name.upper()
+                                             for name in command.positional), "[CONFIG]", "[--key value ...]"])
     description = re.sub(r"^`tsg \w+`: (\w)", lambda m: m.group(1).upper(), command.description.strip())
     parser = _Parser(command.types, prog=f"tsg {command.name}", usage=usage, description=description,
                      allow_abbrev=False, formatter_class=_HelpFormatter,

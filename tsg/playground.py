@@ -47,6 +47,8 @@ class Told:
 
     stories: list[Story]
     record: dict
+    seconds: float = 0.0  # telling them, the model's loading left out
+    stopped: bool = False  # Stop ended them early
 
 
 def show_stories(texts: list[str]) -> str:
@@ -155,6 +157,7 @@ class Playground:
                 result["error"] = e
 
         with self._telling:
+            started = time.perf_counter()
             worker = threading.Thread(target=work, name="tsg-play-telling", daemon=True)
             worker.start()
             shown = None
@@ -166,7 +169,7 @@ class Playground:
         if "error" in result:
             raise result["error"]
         stories = result["stories"]
-        yield [story.text for story in stories], Told(stories, record)
+        yield [story.text for story in stories], Told(stories, record, time.perf_counter() - started, stop.is_set())
 
     def save(self, told: Told | None, output_format: str) -> str:
         """The shown stories as a new stories file (.csv or .jsonl) in a temporary folder: its path."""
@@ -314,7 +317,6 @@ def build_page(playground: Playground):
         def tell(values: dict, request: gr.Request):
             stop = playground.stop_event(request.session_hash)
             stop.clear()
-            started = time.perf_counter()
             try:
                 settings = settings_from([values[control] for control in controls])
                 yield "", "telling…", None
@@ -323,7 +325,7 @@ def build_page(playground: Playground):
                     if result is None:
                         yield show_stories(texts), "telling…", None
                     else:
-                        yield show_stories(texts), summary(result.stories, started, stop.is_set()), result
+                        yield show_stories(texts), summary(result), result
             except UserError as e:
                 yield "", message(e), None
             except Exception as e:  # noqa: BLE001 (the page shows one line; the terminal the whole story)
@@ -338,13 +340,11 @@ def build_page(playground: Playground):
                 settings = settings_from([values[control] for control in controls])
                 summaries = []
                 for side, name in enumerate((values[model_a], values[model_b])):
-                    started = time.perf_counter()
                     for texts, result in playground.tell(name, values[quantization], values[compare_prompt],
                                                          settings, stop):
                         shown[side] = show_stories(texts)
                         if result is not None:
-                            summaries.append(f"model {'AB'[side]}: " + summary(result.stories, started,
-                                                                               stop.is_set()))
+                            summaries.append(f"model {'AB'[side]}: " + summary(result))
                         yield shown[0], shown[1], f"telling model {'AB'[side]}…"
                 yield shown[0], shown[1], "both told, with the same prompt, settings and seed: " + "; ".join(summaries)
             except UserError as e:
@@ -384,9 +384,8 @@ def build_page(playground: Playground):
     return page
 
 
-def summary(stories: list[Story], started: float, stopped: bool) -> str:
-    tokens = sum(story.tokens for story in stories)
-    seconds = time.perf_counter() - started
-    told = f"{len(stories)} {'story' if len(stories) == 1 else 'stories'}, {tokens} new tokens in {seconds:.1f} s " \
-           f"({tokens / max(seconds, 1e-9):.0f} tokens/s)"
-    return told + (", stopped" if stopped else "")
+def summary(told: Told) -> str:
+    """What the status line says of stories told: how many, how many tokens, how fast."""
+    n, tokens = len(told.stories), sum(story.tokens for story in told.stories)
+    return f"{n} {'story' if n == 1 else 'stories'}, {tokens} new tokens in {told.seconds:.1f} s " \
+           f"({tokens / max(told.seconds, 1e-9):.0f} tokens/s)" + (", stopped" if told.stopped else "")
