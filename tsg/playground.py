@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, get_type_hints
 
 from tsg.files import UserError, one_line
@@ -253,135 +254,161 @@ def setting_controls(gr) -> list:
 def build_page(playground: Playground):
     """The Gradio Blocks page of `playground` (launch it, or use it in a test)."""
     gr = import_gradio()
-    choices = playground.model_choices()
-    first = choices[0] if choices else None
-
     with gr.Blocks(title="tsg play") as page:
         gr.Markdown("# tsg play\nTell stories with a model, compare two, and see how a run went.")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                with gr.Tabs():
-                    with gr.Tab("Tell", id="tell"):
-                        with gr.Row():
-                            model = gr.Dropdown(choices, value=first, label="model", allow_custom_value=True,
-                                                info="A folder saved by tsg train, an adapter run, or a hub name.",
-                                                elem_id="model")
-                            quantization = gr.Radio(list(QUANTIZATIONS), value="none", label="quantization",
-                                                    info="Load the weights in 8 or 4 bits (bitsandbytes).",
-                                                    elem_id="quantization")
-                        prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2, elem_id="prompt")
-                        with gr.Row():
-                            tell_button = gr.Button("Tell", variant="primary", elem_id="tell")
-                            stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                        stories = gr.Textbox(label="stories", lines=12, interactive=False, elem_id="stories")
-                        status = gr.Markdown(elem_id="status")
-                        with gr.Row():
-                            save_format = gr.Radio(["csv", "jsonl"], value="jsonl", label="save as",
-                                                   elem_id="save-format")
-                            save_button = gr.Button("Save the stories", elem_id="save")
-                        saved = gr.File(label="stories file", interactive=False, visible=False, elem_id="saved")
-                    with gr.Tab("Compare", id="compare"):
-                        with gr.Row():
-                            model_a = gr.Dropdown(choices, value=first, label="model A", allow_custom_value=True,
-                                                  elem_id="model-a")
-                            model_b = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else first,
-                                                  label="model B", allow_custom_value=True, elem_id="model-b")
-                        compare_prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2,
-                                                    elem_id="compare-prompt")
-                        with gr.Row():
-                            compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
-                            compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
-                        with gr.Row():
-                            story_a = gr.Textbox(label="model A's stories", lines=12, interactive=False,
-                                                 elem_id="story-a")
-                            story_b = gr.Textbox(label="model B's stories", lines=12, interactive=False,
-                                                 elem_id="story-b")
-                        compare_status = gr.Markdown(elem_id="compare-status")
-                    with gr.Tab("Runs", id="runs"):
-                        runs = playground.run_choices()
-                        with gr.Row():
-                            run = gr.Dropdown(runs, value=None, label="run folder", allow_custom_value=True,
-                                              elem_id="run")
-                            refresh = gr.Button("Refresh the list", elem_id="refresh-runs")
-                        run_plot = gr.Plot(label="loss", elem_id="run-plot")
-                        run_status = gr.Markdown(elem_id="run-status")
-                        with gr.Row():
-                            run_scores = gr.Dataframe(headers=["score", "value"], label="eval_report.json",
-                                                      interactive=False, elem_id="run-scores")
-                            run_config = gr.JSON(label="run_config.json", elem_id="run-config")
+            with gr.Column(scale=3), gr.Tabs():
+                choices = playground.model_choices()
+                with gr.Tab("Tell", id="tell"):
+                    tell_tab = lay_out_tell(gr, choices)
+                with gr.Tab("Compare", id="compare"):
+                    compare_tab = lay_out_compare(gr, choices)
+                with gr.Tab("Runs", id="runs"):
+                    runs_tab = lay_out_runs(gr, playground.run_choices())
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("### Settings\ntsg generate's options, with its defaults")
                 controls = setting_controls(gr)
-        told = gr.State(None)
-
-        def tell(values: dict, request: gr.Request):
-            stop = playground.stop_event(request.session_hash)
-            stop.clear()
-            try:
-                settings = settings_from([values[control] for control in controls])
-                yield "", "telling…", None
-                for texts, result in playground.tell(values[model], values[quantization], values[prompt], settings,
-                                                     stop):
-                    if result is None:
-                        yield show_stories(texts), "telling…", None
-                    else:
-                        yield show_stories(texts), summary(result), result
-            except UserError as e:
-                yield "", message(e), None
-            except Exception as e:  # noqa: BLE001 (the page shows one line; the terminal the whole story)
-                logger.exception("tsg play: telling failed")
-                yield "", message(f"error: {one_line(e)}"), None
-
-        def compare(values: dict, request: gr.Request):
-            stop = playground.stop_event(request.session_hash)
-            stop.clear()
-            shown = ["", ""]
-            try:
-                settings = settings_from([values[control] for control in controls])
-                summaries = []
-                for side, name in enumerate((values[model_a], values[model_b])):
-                    for texts, result in playground.tell(name, values[quantization], values[compare_prompt],
-                                                         settings, stop):
-                        shown[side] = show_stories(texts)
-                        if result is not None:
-                            summaries.append(f"model {'AB'[side]}: " + summary(result))
-                        yield shown[0], shown[1], f"telling model {'AB'[side]}…"
-                yield shown[0], shown[1], "both told, with the same prompt, settings and seed: " + "; ".join(summaries)
-            except UserError as e:
-                yield shown[0], shown[1], message(e)
-            except Exception as e:  # noqa: BLE001
-                logger.exception("tsg play: comparing failed")
-                yield shown[0], shown[1], message(f"error: {one_line(e)}")
-
-        def stop_telling(request: gr.Request):
-            playground.stop(request.session_hash)
-
-        def save(result, output_format):
-            try:
-                return gr.File(playground.save(result, output_format), visible=True), f"saved {len(result.stories)} " \
-                    f"{'story' if len(result.stories) == 1 else 'stories'} as {output_format}"
-            except UserError as e:
-                return gr.File(None, visible=False), message(e)
-
-        def show_run(folder):
-            try:
-                figure, config, scores = playground.run_report(folder)
-                note = "" if scores else "no eval_report.json scores (tsg evaluate --model RUN writes them)"
-                return figure, config, scores, note
-            except UserError as e:
-                return None, None, [], message(e)
-
-        telling = {model, quantization, prompt, *controls}  # a set: tell() is given a dict by component
-        tell_button.click(tell, telling, [stories, status, told])
-        prompt.submit(tell, telling, [stories, status, told])
-        stop_button.click(stop_telling, None, None, queue=False)
-        compare_button.click(compare, {model_a, model_b, quantization, compare_prompt, *controls},
-                             [story_a, story_b, compare_status])
-        compare_stop.click(stop_telling, None, None, queue=False)
-        save_button.click(save, [told, save_format], [saved, status])
-        run.change(show_run, [run], [run_plot, run_config, run_scores, run_status])
-        refresh.click(lambda: gr.Dropdown(choices=playground.run_choices()), None, [run])
+        ui = SimpleNamespace(**tell_tab, **compare_tab, **runs_tab, controls=controls, told=gr.State(None))
+        connect(gr, playground, ui)
     return page
+
+
+def lay_out_tell(gr, choices: list[str]) -> dict:
+    """The Tell tab's components, by name."""
+    with gr.Row():
+        model = gr.Dropdown(choices, value=choices[0] if choices else None, label="model", allow_custom_value=True,
+                            info="A folder saved by tsg train, an adapter run, or a hub name.", elem_id="model")
+        quantization = gr.Radio(list(QUANTIZATIONS), value="none", label="quantization",
+                                info="Load the weights in 8 or 4 bits (bitsandbytes).", elem_id="quantization")
+    prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2, elem_id="prompt")
+    with gr.Row():
+        tell = gr.Button("Tell", variant="primary", elem_id="tell")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+    stories = gr.Textbox(label="stories", lines=12, interactive=False, elem_id="stories")
+    status = gr.Markdown(elem_id="status")
+    with gr.Row():
+        save_format = gr.Radio(["csv", "jsonl"], value="jsonl", label="save as", elem_id="save-format")
+        save = gr.Button("Save the stories", elem_id="save")
+    saved = gr.File(label="stories file", interactive=False, visible=False, elem_id="saved")
+    return dict(model=model, quantization=quantization, prompt=prompt, tell=tell, stop=stop, stories=stories,
+                status=status, save_format=save_format, save=save, saved=saved)
+
+
+def lay_out_compare(gr, choices: list[str]) -> dict:
+    """The Compare tab's components, by name (its quantization is the Tell tab's)."""
+    first = choices[0] if choices else None
+    with gr.Row():
+        model_a = gr.Dropdown(choices, value=first, label="model A", allow_custom_value=True, elem_id="model-a")
+        model_b = gr.Dropdown(choices, value=choices[1] if len(choices) > 1 else first, label="model B",
+                              allow_custom_value=True, elem_id="model-b")
+    compare_prompt = gr.Textbox(value="Once upon a time", label="prompt", lines=2, elem_id="compare-prompt")
+    with gr.Row():
+        compare = gr.Button("Compare", variant="primary", elem_id="compare")
+        compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+    with gr.Row():
+        story_a = gr.Textbox(label="model A's stories", lines=12, interactive=False, elem_id="story-a")
+        story_b = gr.Textbox(label="model B's stories", lines=12, interactive=False, elem_id="story-b")
+    compare_status = gr.Markdown(elem_id="compare-status")
+    return dict(model_a=model_a, model_b=model_b, compare_prompt=compare_prompt, compare=compare,
+                compare_stop=compare_stop, story_a=story_a, story_b=story_b, compare_status=compare_status)
+
+
+def lay_out_runs(gr, runs: list[str]) -> dict:
+    """The Runs tab's components, by name."""
+    with gr.Row():
+        run = gr.Dropdown(runs, value=None, label="run folder", allow_custom_value=True, elem_id="run")
+        refresh_runs = gr.Button("Refresh the list", elem_id="refresh-runs")
+    run_plot = gr.Plot(label="loss", elem_id="run-plot")
+    run_status = gr.Markdown(elem_id="run-status")
+    with gr.Row():
+        run_scores = gr.Dataframe(headers=["score", "value"], label="eval_report.json", interactive=False,
+                                  elem_id="run-scores")
+        run_config = gr.JSON(label="run_config.json", elem_id="run-config")
+    return dict(run=run, refresh_runs=refresh_runs, run_plot=run_plot, run_status=run_status, run_scores=run_scores,
+                run_config=run_config)
+
+
+def connect(gr, playground: Playground, ui: SimpleNamespace) -> None:
+    """The page's handlers, wired to the components of `ui`."""
+
+    # Gradio passes the request (whose session_hash names the page's Stop) to a parameter annotated gr.Request
+    def tell(values: dict, request: gr.Request):
+        yield from tell_on_page(playground, ui, values, request.session_hash)
+
+    def compare(values: dict, request: gr.Request):
+        yield from compare_on_page(playground, ui, values, request.session_hash)
+
+    def stop(request: gr.Request):
+        playground.stop(request.session_hash)
+
+    def save(told: Told | None, output_format: str):
+        try:
+            n = len(told.stories) if told else 0
+            return gr.File(playground.save(told, output_format), visible=True), \
+                f"saved {n} {'story' if n == 1 else 'stories'} as {output_format}"
+        except UserError as e:
+            return gr.File(None, visible=False), message(e)
+
+    telling = {ui.model, ui.quantization, ui.prompt, *ui.controls}  # a set: the handler is given a dict by component
+    ui.tell.click(tell, telling, [ui.stories, ui.status, ui.told])
+    ui.prompt.submit(tell, telling, [ui.stories, ui.status, ui.told])
+    ui.stop.click(stop, None, None, queue=False)
+    ui.compare.click(compare, {ui.model_a, ui.model_b, ui.quantization, ui.compare_prompt, *ui.controls},
+                     [ui.story_a, ui.story_b, ui.compare_status])
+    ui.compare_stop.click(stop, None, None, queue=False)
+    ui.save.click(save, [ui.told, ui.save_format], [ui.saved, ui.status])
+    ui.run.change(lambda folder: show_run(playground, folder), [ui.run],
+                  [ui.run_plot, ui.run_config, ui.run_scores, ui.run_status])
+    ui.refresh_runs.click(lambda: gr.Dropdown(choices=playground.run_choices()), None, [ui.run])
+
+
+def tell_on_page(playground: Playground, ui: SimpleNamespace, values: dict, session: str):
+    """Tell's updates of (stories, status line, what was told): the stories as they grow, then the summary."""
+    stop = playground.stop_event(session)
+    stop.clear()
+    try:
+        settings = settings_from([values[control] for control in ui.controls])
+        yield "", "telling…", None
+        for texts, told in playground.tell(values[ui.model], values[ui.quantization], values[ui.prompt], settings,
+                                           stop):
+            yield show_stories(texts), ("telling…" if told is None else summary(told)), told
+    except UserError as e:
+        yield "", message(e), None
+    except Exception as e:  # noqa: BLE001 (the page shows one line; the terminal the whole story)
+        logger.exception("tsg play: telling failed")
+        yield "", message(f"error: {one_line(e)}"), None
+
+
+def compare_on_page(playground: Playground, ui: SimpleNamespace, values: dict, session: str):
+    """Compare's updates of (model A's stories, model B's, status line): A told, then B, on the same settings."""
+    stop = playground.stop_event(session)
+    stop.clear()
+    shown, summaries = ["", ""], []
+    try:
+        settings = settings_from([values[control] for control in ui.controls])
+        for side, name in enumerate((values[ui.model_a], values[ui.model_b])):
+            for texts, told in playground.tell(name, values[ui.quantization], values[ui.compare_prompt], settings,
+                                               stop):
+                shown[side] = show_stories(texts)
+                if told is not None:
+                    summaries.append(f"model {'AB'[side]}: " + summary(told))
+                yield shown[0], shown[1], f"telling model {'AB'[side]}…"
+        yield shown[0], shown[1], "both told, with the same prompt, settings and seed: " + "; ".join(summaries)
+    except UserError as e:
+        yield shown[0], shown[1], message(e)
+    except Exception as e:  # noqa: BLE001
+        logger.exception("tsg play: comparing failed")
+        yield shown[0], shown[1], message(f"error: {one_line(e)}")
+
+
+def show_run(playground: Playground, folder: str):
+    """The Runs tab's (plot, config, scores, status line) for a run folder."""
+    try:
+        figure, config, scores = playground.run_report(folder)
+        note = "" if scores else "no eval_report.json scores (tsg evaluate --model RUN writes them)"
+        return figure, config, scores, note
+    except UserError as e:
+        return None, None, [], message(e)
 
 
 def summary(told: Told) -> str:
