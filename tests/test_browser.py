@@ -4,6 +4,7 @@ Chromium, Playwright or Gradio. TSG_CHROMIUM names another Chromium binary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,7 +61,7 @@ def server(models, runs, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "play.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "tsg", "play", *map(str, models), "--port", str(port),
-                                    "--runs_dir", str(runs)], env=python_env(), stdout=out,
+                                    "--runs_dir", str(runs), "--device", "cpu"], env=python_env(), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -77,7 +78,8 @@ def server(models, runs, tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the whole group: no server left behind by a failed test
+        with contextlib.suppress(ProcessLookupError):  # the whole group: no server left behind by a failed test
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -150,8 +152,9 @@ def test_a_story_streams_in_and_is_the_command_lines_story_for_the_seed(page, mo
     set_value(page, "#setting-max_new_tokens input", LONG)
     set_value(page, "#setting-seed input", 5)
     page.locator("#tell").click()
-    seen = []
+    seen, deadline = [], time.time() + 120
     while not any(word in page.locator("#status").inner_text() for word in DONE):
+        assert time.time() < deadline, f"no story was told in 120 s: {page.locator('#status').inner_text()!r}"
         text = page.locator("#stories textarea").input_value()
         if text and (not seen or text != seen[-1]):
             seen.append(text)

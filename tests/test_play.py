@@ -68,7 +68,7 @@ def test_limits_shown_are_the_limits_settings_check(name):
 
 def test_the_page_tells_the_stories_tell_stories_tells_and_grows_them(model_dir):
     settings = Settings(num_return_sequences=3, seed=7, max_new_tokens=40, temperature=0.9)
-    steps = told(Playground(), model_dir, "Once upon a time", settings)
+    steps = told(Playground(device="cpu"), model_dir, "Once upon a time", settings)
     texts, result = steps[-1]
     model, tokenizer = load_model(str(model_dir), device="cpu")
     expected = tell_stories(model, tokenizer, ["Once upon a time"], settings)
@@ -83,7 +83,7 @@ def test_the_page_tells_the_stories_tell_stories_tells_and_grows_them(model_dir)
 def test_stop_ends_the_stories_at_their_next_token(model_dir):
     stop = threading.Event()
     settings = Settings(seed=1, max_new_tokens=CONTEXT - 10)
-    play = Playground()
+    play = Playground(device="cpu")
     for texts, result in play.tell(str(model_dir), "none", "Once upon a time", settings, stop):
         if result is None:
             stop.set()
@@ -93,11 +93,24 @@ def test_stop_ends_the_stories_at_their_next_token(model_dir):
     assert full.stories[0].text.startswith(result.stories[0].text)
 
 
+def test_a_telling_closed_early_ends_before_the_next_one_begins(model_dir):
+    settings = Settings(seed=2, max_new_tokens=CONTEXT - 10)
+    play = Playground(device="cpu")
+    telling = play.tell(str(model_dir), "none", "Once upon a time", settings)
+    next(telling)  # the first stories so far: the page went away here
+    telling.close()
+    assert not any(thread.name == "tsg-play-telling" for thread in threading.enumerate())
+    again = told(play, model_dir, "Once upon a time", settings)[-1][1]
+    model, tokenizer = load_model(str(model_dir), device="cpu")
+    assert again.stories == tell_stories(model, tokenizer, ["Once upon a time"], settings) and not again.stopped
+
+
 @pytest.mark.parametrize("output_format", ["csv", "jsonl"])
 def test_saved_stories_are_the_rows_tsg_generate_writes(model_dir, tmp_path, capsys, output_format):
     settings = Settings(num_return_sequences=2, seed=3, max_new_tokens=30)
-    result = told(Playground(), model_dir, "Tom had a dog", settings)[-1][1]
-    saved = read_rows(Playground().save(result, output_format))
+    play = Playground(device="cpu")  # its saved files last as long as it does
+    result = told(play, model_dir, "Tom had a dog", settings)[-1][1]
+    saved = read_rows(play.save(result, output_format))
     output = tmp_path / f"cli.{output_format}"
     code, _, err = run_tsg(["generate", "--model", model_dir, "-q", "Tom had a dog", "-n", 2, "--seed", 3,
                             "--max_new_tokens", 30, "--device", "cpu", "--output", output], capsys)
@@ -107,7 +120,7 @@ def test_saved_stories_are_the_rows_tsg_generate_writes(model_dir, tmp_path, cap
 
 
 def test_bad_input_is_one_line(model_dir, tmp_path):
-    play = Playground()
+    play = Playground(device="cpu")
     cases = [
         (model_dir, "  ", Settings(), "prompt: the prompt is empty"),
         (model_dir, "dog " * CONTEXT, Settings(), f"but the model's context is {CONTEXT} tokens"),
@@ -136,7 +149,7 @@ def test_every_run_leaves_loss_png_and_the_runs_tab_reads_its_curves(trained_run
     curves = plots.curves(plots.read_log_history(trained_run))
     assert len(curves["training loss"][0]) == 6 and curves["evaluation loss"][0] == [3, 6, 6]
     assert "evaluation bits per byte" in curves
-    play = Playground(runs_dir=trained_run.parent)
+    play = Playground(device="cpu", runs_dir=trained_run.parent)
     assert play.run_choices() == [str(trained_run)]
     figure, config, scores = play.run_report(str(trained_run))
     assert len(figure.axes) == 2 and config["config"]["max_steps"] == 6 and scores == []
@@ -161,11 +174,13 @@ def test_play_names_its_models_first_and_refuses_a_folder_that_is_not_a_model(mo
 
     (options,) = parse(PLAY, [str(model_dir), str(model_dir), "--port", "8000"])
     assert options.models == [str(model_dir), str(model_dir)] and options.port == 8000
-    assert Playground(options.models, runs_dir=tmp_path).model_choices() == [str(model_dir)]
+    assert Playground(options.models, runs_dir=tmp_path, device="cpu").model_choices() == [str(model_dir)]
     code, _, err = run_tsg(["play", tmp_path], capsys)
     assert code == 2 and "not a model folder" in error_line(err, "play")
     code, _, err = run_tsg(["play", "--port", "70000"], capsys)
     assert code == 2 and "port: expected an integer from 1 to 65535" in error_line(err, "play")
+    code, _, err = run_tsg(["play", model_dir, "play.yaml"], capsys)
+    assert code == 2 and "the config file 'play.yaml' comes first" in error_line(err, "play")
 
 
 def test_play_without_gradio_says_how_to_install_it(monkeypatch, capsys):

@@ -284,10 +284,14 @@ def split_command_line(command: Command, argv: list[str]) -> tuple[Optional[str]
         config = leading.pop(0)
     names = list(command.positional)
     if names and _is_list(field_names(command)[names[-1]]):  # the last positional field, a list, takes the rest
-        names += [names[-1]] * max(0, len(leading) - len(names))
+        files = [i for i, word in enumerate(leading) if Path(word).suffix.lower() in CONFIG_SUFFIXES]
+        names += [names[-1]] * max(0, (files[0] if files else len(leading)) - len(names))
     if len(leading) > len(names):
         extra = leading[len(names)]
-        what = ("a second config file" if Path(extra).suffix.lower() in CONFIG_SUFFIXES else "an unexpected word")
+        is_file = Path(extra).suffix.lower() in CONFIG_SUFFIXES
+        if is_file and not config:
+            raise UserError(f"command line: the config file '{extra}' comes first, before {leading[0]!r}")
+        what = "a second config file" if is_file else "an unexpected word"
         hint = f" (options take two dashes: --{extra})" if extra in field_names(command) else ""
         raise UserError(f"command line: {what} '{extra}'{hint}")
     positional = []
@@ -298,7 +302,9 @@ def split_command_line(command: Command, argv: list[str]) -> tuple[Optional[str]
 
 
 def _is_list(f) -> bool:
-    return str(f.type).startswith(("list", "typing.List", "Optional[list", "typing.Optional[list"))
+    """Whether a field's type (a string under `from __future__ import annotations`) is a list, or a list or None."""
+    spelled = str(f.type).replace("typing.", "").replace("Optional[", "")
+    return any(part.strip().startswith(("list", "List")) for part in spelled.split("|"))
 
 
 def check_option_words(command: Command, words: list[str]) -> None:

@@ -463,8 +463,9 @@ class RowsStreamer(BaseStreamer):
             for row, token in zip(self.rows, value.reshape(-1).tolist()):
                 row.append(token)
         texts = self.tokenizer.batch_decode(self.rows, skip_special_tokens=True)
-        self.on_text([clean_story(text, self.prompt, self.settings.start_marker, self.settings.end_marker)
-                      for text in texts])
+        # a character whose bytes have not all come decodes as U+FFFD for now: held back, so that texts only grow
+        self.on_text([clean_story(text.rstrip("\ufffd"), self.prompt, self.settings.start_marker,
+                                  self.settings.end_marker) for text in texts])
 
     def end(self) -> None:
         self.rows = None

@@ -29,7 +29,7 @@ from typing import Iterator, get_type_hints
 
 from tsg.files import UserError, one_line
 from tsg.generation import (LIMITS, QUANTIZATIONS, Settings, Story, check_model_name, fit_to_context, iter_stories,
-                            load_model, output_record, write_stories)
+                            load_model, output_record, prompt_texts, write_stories)
 from tsg.model import context_length
 from tsg.plots import loss_figure, read_log_history, run_state_file
 from tsg.scoring import SCORE_KEYS
@@ -81,8 +81,33 @@ def settings_from(values) -> Settings:
     return Settings(**given)
 
 
-def message(error: BaseException) -> str:
-    return f"⚠️ {' '.join(str(error).split())}"
+def message(error: BaseException | str) -> str:
+    return f"⚠️ {one_line(error, 2000)}"
+
+
+class Telling(threading.Thread):
+    """One call of iter_stories in a thread of its own, so that the page's thread can send the stories as they grow:
+    `so_far` is the newest texts (replaced, never changed), then `stories` or `error` once it ends."""
+
+    def __init__(self, model, tokenizer, prompt: str, settings: Settings, stop: threading.Event):
+        super().__init__(name="tsg-play-telling", daemon=True)
+        self.model, self.tokenizer, self.prompt, self.settings, self.stop = model, tokenizer, prompt, settings, stop
+        self.so_far: list[str] = []
+        self.stories: list[Story] = []
+        self.error: BaseException | None = None
+        self.stopped = False  # Stop ended the stories early
+
+    def grown(self, texts: list[str]) -> None:
+        self.so_far = texts
+
+    def run(self) -> None:
+        try:  # beam search keeps several candidates until the end: its stories appear when told
+            batches = iter_stories(self.model, self.tokenizer, [self.prompt], self.settings, stop=self.stop,
+                                   on_text=self.grown if self.settings.num_beams == 1 else None)
+            self.stories = [story for batch in batches for story in batch]
+            self.stopped = self.stop.is_set()
+        except BaseException as e:  # noqa: BLE001 (handed to the page's thread)
+            self.error = e
 
 
 class Playground:
@@ -95,18 +120,18 @@ class Playground:
         self.device, self.trust_remote_code, self.allow_changed_base = device, trust_remote_code, allow_changed_base
         self._loaded: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._telling = threading.Lock()  # one model call at a time: torch's random generator is the process's
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, threading.Event] = {}  # each session's telling under way, by its Stop
+        self._saved = tempfile.TemporaryDirectory(prefix="tsg-play-")  # saved stories files, removed at exit
 
     # --- models ---
 
     def model_choices(self) -> list[str]:
         """The models given, then every model folder and adapter run under runs_dir, newest first."""
-        found = []
-        if self.runs_dir.is_dir():
-            folders = sorted(self.runs_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-            found = [str(p) for p in folders
-                     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
-        return list(dict.fromkeys([*self.models, *found]))
+        found = [p for p in self._run_folders() if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()]
+        return list(dict.fromkeys([*self.models, *(str(p) for p in newest_first(found, lambda p: p))]))
+
+    def _run_folders(self) -> list[Path]:
+        return [p for p in self.runs_dir.iterdir() if p.is_dir()] if self.runs_dir.is_dir() else []
 
     def load(self, name: str, quantization: str = "none"):
         """(model, tokenizer) of `name`, loaded once (the last LOADED_MODELS are kept)."""
@@ -128,67 +153,66 @@ class Playground:
 
     # --- telling ---
 
-    def stop_event(self, session: str) -> threading.Event:
-        return self._stops.setdefault(session, threading.Event())
+    def begin(self, session: str) -> threading.Event:
+        """A new telling of `session`: the event its Stop sets (a Stop before it began is not carried over)."""
+        self._stops[session] = threading.Event()
+        return self._stops[session]
+
+    def end(self, session: str, stop: threading.Event) -> None:
+        """The telling that `begin` gave `stop` is over: Stop has nothing more to end."""
+        if self._stops.get(session) is stop:
+            del self._stops[session]
 
     def stop(self, session: str) -> None:
         """Stop the stories `session` is being told: they end at their next token."""
-        self.stop_event(session).set()
+        if session in self._stops:
+            self._stops[session].set()
 
     def tell(self, name: str, quantization: str, prompt: str, settings: Settings,
              stop: threading.Event | None = None) -> Iterator[tuple[list[str], Told | None]]:
         """Tell `prompt`'s stories with model `name`: (the stories so far, None) every REFRESH_SECONDS while they
-        grow, then (their texts, Told). Bad input raises a UserError before the model runs."""
+        grow, then (their texts, Told). Bad input raises a UserError before the model runs. Closing the generator
+        (the page went away) stops the telling and waits for it."""
         stop = stop or threading.Event()
-        model, tokenizer = self.load(name, quantization)
-        settings = fit_to_context(context_length(model.config), tokenizer, [prompt], settings)
-        record = output_record(name.strip(), quantization, str(model.device), "transformers", settings)
-        so_far: list[list[str]] = [[]]  # the newest texts the streamer handed over (replaced, never changed)
-        result: dict = {}
-
-        def grown(texts: list[str]) -> None:
-            so_far[0] = texts
-
-        def work():
-            try:  # beam search keeps several candidates until the end: its stories appear when told
-                batches = iter_stories(model, tokenizer, [prompt], settings, stop=stop,
-                                       on_text=grown if settings.num_beams == 1 else None)
-                result["stories"] = [story for batch in batches for story in batch]
-            except BaseException as e:  # noqa: BLE001 (handed to the page's thread)
-                result["error"] = e
-
-        with self._telling:
+        prompt_texts([prompt], settings.start_marker)  # an empty prompt: one line before a model loads
+        with self._telling:  # loading too: two pages loading at once would load (or merge) a model twice
+            model, tokenizer = self.load(name, quantization)
+            settings = fit_to_context(context_length(model.config), tokenizer, [prompt], settings)
+            record = output_record(name.strip(), quantization, str(model.device), "transformers", settings)
             started = time.perf_counter()
-            worker = threading.Thread(target=work, name="tsg-play-telling", daemon=True)
-            worker.start()
-            shown = None
-            while worker.is_alive():
-                worker.join(REFRESH_SECONDS)
-                if so_far[0] and so_far[0] is not shown:
-                    shown = so_far[0]
-                    yield shown, None
-        if "error" in result:
-            raise result["error"]
-        stories = result["stories"]
-        yield [story.text for story in stories], Told(stories, record, time.perf_counter() - started, stop.is_set())
+            telling = Telling(model, tokenizer, prompt, settings, stop)
+            try:
+                telling.start()
+                shown = None
+                while telling.is_alive():
+                    telling.join(REFRESH_SECONDS)
+                    if telling.so_far and telling.so_far is not shown:
+                        shown = telling.so_far
+                        yield shown, None
+            finally:  # closed early: the next telling must not run beside this one (torch's random generator)
+                if telling.is_alive():
+                    stop.set()
+                    telling.join()
+        if telling.error is not None:
+            raise telling.error
+        stories = telling.stories
+        yield [story.text for story in stories], Told(stories, record, time.perf_counter() - started, telling.stopped)
 
     def save(self, told: Told | None, output_format: str) -> str:
-        """The shown stories as a new stories file (.csv or .jsonl) in a temporary folder: its path."""
+        """The shown stories as a new stories file (.csv or .jsonl) in the playground's temporary folder: its path."""
         if told is None or not told.stories:
             raise UserError("save: no stories yet: tell some first")
         if output_format not in ("csv", "jsonl"):
             raise UserError(f"save: expected csv or jsonl, got {output_format!r}")
-        path = Path(tempfile.mkdtemp(prefix="tsg-play-")) / f"stories.{output_format}"
+        path = Path(tempfile.mkdtemp(dir=self._saved.name)) / f"stories.{output_format}"
         return str(write_stories(path, told.stories, told.record))
 
     # --- runs ---
 
     def run_choices(self) -> list[str]:
         """Folders under runs_dir whose trainer_state.json (or a checkpoint's) tells how the run went, newest first."""
-        if not self.runs_dir.is_dir():
-            return []
-        folders = [p for p in self.runs_dir.iterdir() if p.is_dir() and run_state_file(p) is not None]
-        return [str(p) for p in sorted(folders, key=lambda p: run_state_file(p).stat().st_mtime, reverse=True)]
+        states = {p: run_state_file(p) for p in self._run_folders()}
+        return [str(p) for p in newest_first([p for p, state in states.items() if state], lambda p: states[p])]
 
     def run_report(self, folder: str):
         """(loss figure, run_config.json's contents or None, [[score, value]] from eval_report.json) of a run."""
@@ -202,6 +226,18 @@ class Playground:
         report = read_json(Path(folder) / "eval_report.json") or {}
         scores = [[key, report[key]] for key in SCORE_KEYS if isinstance(report.get(key), (int, float))]
         return figure, config, scores
+
+
+def newest_first(folders: list[Path], dated_by) -> list[Path]:
+    """`folders` by the modification time of dated_by(folder), newest first; one that went away meanwhile (a
+    checkpoint rotated out by a live run) is left out."""
+    times = {}
+    for folder in folders:
+        try:
+            times[folder] = dated_by(folder).stat().st_mtime
+        except OSError:
+            continue
+    return sorted(times, key=times.get, reverse=True)
 
 
 def read_json(path: Path) -> dict | None:
@@ -254,7 +290,8 @@ def setting_controls(gr) -> list:
 def build_page(playground: Playground):
     """The Gradio Blocks page of `playground` (launch it, or use it in a test)."""
     gr = import_gradio()
-    with gr.Blocks(title="tsg play") as page:
+    # delete_cache: Gradio's copies of the saved stories files are kept a day
+    with gr.Blocks(title="tsg play", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# tsg play\nTell stories with a model, compare two, and see how a run went.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3), gr.Tabs():
@@ -346,8 +383,8 @@ def connect(gr, playground: Playground, ui: SimpleNamespace) -> None:
             n = len(told.stories) if told else 0
             return gr.File(playground.save(told, output_format), visible=True), \
                 f"saved {n} {'story' if n == 1 else 'stories'} as {output_format}"
-        except UserError as e:
-            return gr.File(None, visible=False), message(e)
+        except Exception as e:  # noqa: BLE001
+            return gr.File(None, visible=False), failure(e, "saving")
 
     telling = {ui.model, ui.quantization, ui.prompt, *ui.controls}  # a set: the handler is given a dict by component
     ui.tell.click(tell, telling, [ui.stories, ui.status, ui.told])
@@ -364,41 +401,40 @@ def connect(gr, playground: Playground, ui: SimpleNamespace) -> None:
 
 def tell_on_page(playground: Playground, ui: SimpleNamespace, values: dict, session: str):
     """Tell's updates of (stories, status line, what was told): the stories as they grow, then the summary."""
-    stop = playground.stop_event(session)
-    stop.clear()
+    stop = playground.begin(session)
     try:
         settings = settings_from([values[control] for control in ui.controls])
         yield "", "telling…", None
         for texts, told in playground.tell(values[ui.model], values[ui.quantization], values[ui.prompt], settings,
                                            stop):
             yield show_stories(texts), ("telling…" if told is None else summary(told)), told
-    except UserError as e:
-        yield "", message(e), None
-    except Exception as e:  # noqa: BLE001 (the page shows one line; the terminal the whole story)
-        logger.exception("tsg play: telling failed")
-        yield "", message(f"error: {one_line(e)}"), None
+    except Exception as e:  # noqa: BLE001 (a UserError's line, or one line here and the traceback in the terminal)
+        yield "", failure(e, "telling"), None
+    finally:
+        playground.end(session, stop)
 
 
 def compare_on_page(playground: Playground, ui: SimpleNamespace, values: dict, session: str):
     """Compare's updates of (model A's stories, model B's, status line): A told, then B, on the same settings."""
-    stop = playground.stop_event(session)
-    stop.clear()
+    stop = playground.begin(session)
     shown, summaries = ["", ""], []
     try:
         settings = settings_from([values[control] for control in ui.controls])
         for side, name in enumerate((values[ui.model_a], values[ui.model_b])):
+            if stop.is_set():
+                break
             for texts, told in playground.tell(name, values[ui.quantization], values[ui.compare_prompt], settings,
                                                stop):
                 shown[side] = show_stories(texts)
                 if told is not None:
                     summaries.append(f"model {'AB'[side]}: " + summary(told))
                 yield shown[0], shown[1], f"telling model {'AB'[side]}…"
-        yield shown[0], shown[1], "both told, with the same prompt, settings and seed: " + "; ".join(summaries)
-    except UserError as e:
-        yield shown[0], shown[1], message(e)
+        both = "both told" if len(summaries) == 2 else "stopped"
+        yield shown[0], shown[1], f"{both}, with the same prompt, settings and seed: " + "; ".join(summaries)
     except Exception as e:  # noqa: BLE001
-        logger.exception("tsg play: comparing failed")
-        yield shown[0], shown[1], message(f"error: {one_line(e)}")
+        yield shown[0], shown[1], failure(e, "comparing")
+    finally:
+        playground.end(session, stop)
 
 
 def show_run(playground: Playground, folder: str):
@@ -407,8 +443,17 @@ def show_run(playground: Playground, folder: str):
         figure, config, scores = playground.run_report(folder)
         note = "" if scores else "no eval_report.json scores (tsg evaluate --model RUN writes them)"
         return figure, config, scores, note
-    except UserError as e:
-        return None, None, [], message(e)
+    except Exception as e:  # noqa: BLE001
+        return None, None, [], failure(e, "showing the run")
+
+
+def failure(error: Exception, doing: str) -> str:
+    """The status line of a failed action: a UserError's own line; anything else one line (the traceback goes to
+    the terminal, where `tsg play` runs)."""
+    if isinstance(error, UserError):
+        return message(error)
+    logger.exception(f"tsg play: {doing} failed")
+    return message(f"error: {one_line(error)}")
 
 
 def summary(told: Told) -> str:

@@ -52,10 +52,7 @@ def curves(history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 def loss_figure(history: list[dict], title: str = ""):
     """A matplotlib Figure: training and evaluation loss against steps, and bits per byte beside them when the
     evaluations logged it. A history without losses gives a figure that says so."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen needed: the figure is saved or sent to a page
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not pyplot: no backend (and no screen) is needed, nor changed
 
     found = curves(history)
     bpb = found.pop("evaluation bits per byte", None)
