@@ -166,7 +166,7 @@ def test_every_command_keeps_its_options_in_one_dataclass_each():
 
 
 LAYERS = ["files", "config", "data", "model", "adapter", "generation", "scoring", "conversion", "llamacpp", "plots",
-          "playground", "callbacks", "trainer"]
+          "playground", "budget", "optimizers", "callbacks", "trainer"]
 COMMAND_MODULES = ["train", "generate", "merge", "evaluate.__main__", "prepare", "export", "play", "bench", "cli",
                    "__main__"]
 

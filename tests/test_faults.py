@@ -195,3 +195,20 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, s
     assert f"saved checkpoint {out / 'checkpoint-4'}" in stderr, stderr[-3000:]
     assert _checkpoints(out) == ["checkpoint-4"] and training.checkpoint_step(out / "checkpoint-4") == 4
     assert not (out / "model.safetensors").exists()
+
+
+def test_muon_state_is_checkpointed_and_a_resume_goes_on_as_if_uninterrupted(tmp_path, stories, reference):
+    straight = tmp_path / "straight"
+    train.main(tiny_cli(stories, straight, "--use_muon", "true", **RUN))
+    muon_reference = logged_losses(straight)
+    assert muon_reference[RUN["max_steps"]] != pytest.approx(reference[RUN["max_steps"]], rel=1e-3)  # not AdamW's
+
+    out = tmp_path / "out"
+    child = _child("SIGTERM", 8, tiny_cli(stories, out, "--use_muon", "true", **RUN))
+    assert child.returncode == 1, child.stderr[-2000:]
+    state = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert set(state) == {"muon", "adamw"} and state["muon"]["state"] and state["adamw"]["state"]
+
+    train.main(tiny_cli(stories, out, "--use_muon", "true", "--resume_from_checkpoint", "true", **RUN))
+
+    _assert_same_losses(out, muon_reference, first=9)

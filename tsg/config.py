@@ -476,6 +476,14 @@ class StoryArguments:
     sample_steps: int = option(0, "Every this many steps, tell stories from sample_prompts into W&B (0: never).")
     sample_max_new_tokens: int = option(128, "Length budget of those sample stories.")
     overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds checkpoints (they are deleted).")
+    max_minutes: Optional[float] = option(None, "Train for this many minutes of wall clock, start-up included, ending "
+                                          "on an evaluated, saved model: the learning rate follows "
+                                          "warmup_stable_decay, its decay placed from the measured speed (max_steps, "
+                                          "if set, caps the steps).")
+    decay_share: float = option(0.2, "With max_minutes: the last share of the steps over which the learning rate "
+                                "decays.")
+    use_muon: bool = option(False, "Muon (torch.optim.Muon) on the weight matrices, the optim's AdamW on embeddings, "
+                            "the output layer, norms and biases; both at learning_rate and weight_decay.")
 
     def __post_init__(self):
         for name in ("model_name_or_path", "model_type", "tokenizer_name", "attn_implementation", "dataset_name",
@@ -568,6 +576,7 @@ RANGES = {
     "block_size": ("a positive integer, or -1 for the model's context", lambda v: v >= 1 or v == -1),
     "sample_steps": ("0 (never) or a positive number of steps", lambda v: v >= 0),
     "validation_split_percentage": ("a number in [0, 100)", lambda v: 0 <= v < 100),
+    "max_minutes": ABOVE_0, "decay_share": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     # TrainingArguments'
     "per_device_train_batch_size": POSITIVE, "per_device_eval_batch_size": POSITIVE,
     "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,
@@ -595,6 +604,15 @@ def check_ranges(options) -> None:
 
 def _check_training(story_args: "StoryArguments", training_args: TrainingArguments) -> None:
     check_ranges(training_args)
+    if story_args.max_minutes:
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(training_args, name)
+            if value is not None and 0 < value < 1:
+                raise UserError(f"{name}={value} is a share of the run's steps, which max_minutes plans as the run "
+                                "goes: give a number of steps")
+    if story_args.use_muon and not training_args.optim.value.startswith("adamw"):
+        raise UserError(f"use_muon keeps embeddings, norms and biases on AdamW: optim must be an adamw_* optimizer, "
+                        f"got {training_args.optim.value}")
     output = Path(training_args.output_dir)
     if output.exists() and not output.is_dir():
         raise UserError(f"output_dir {output}: is a file, not a folder")

@@ -41,10 +41,13 @@ import datasets
 import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from tsg import data, model as models, plots
+from tsg.budget import PROVISIONAL_STEPS, TimeBudget
 from tsg.callbacks import StopOnSignal
+from tsg.optimizers import build_muon_with_adamw
 from tsg.config import RunError, StoryArguments, write_run_config
 from tsg.files import UserError, check_weights, one_line
 
@@ -76,8 +79,32 @@ class StoryTrainer(Trainer):
     """
 
     eval_tokens_per_byte: float | None = None
+    time_budget: TimeBudget | None = None  # max_minutes: its warmup-stable-decay schedule, placed as the run goes
+    use_muon: bool = False  # Muon on the weight matrices, the optim's AdamW on the rest
+
+    def create_optimizer(self, model=None):
+        if not self.use_muon or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        adamw_class, adamw_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = build_muon_with_adamw(model, adamw_class, adamw_kwargs, self.args.learning_rate,
+                                               self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.time_budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer)
+        self._created_lr_scheduler = True  # a second train() makes it anew, as the Trainer's own
+        return self.lr_scheduler
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.time_budget is not None and "train_runtime" in logs and "train_loss" in logs:
+            # the Trainer's end-of-training speeds count the provisional max_steps: these count the steps made
+            steps = self.state.global_step - self.time_budget.started_at_step
+            rows = steps * self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            logs["train_samples_per_second"] = round(rows / logs["train_runtime"], 3)
+            logs["train_steps_per_second"] = round(steps / logs["train_runtime"], 3)
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             if self.eval_tokens_per_byte:
@@ -229,8 +256,12 @@ def report_start(args, training_args, summary, model, blocks) -> None:
     logger.info(f"tokens per optimizer step = {training_args.per_device_train_batch_size} rows x "
                        f"{training_args.gradient_accumulation_steps} accumulation x {world} processes x "
                        f"{args.block_size} tokens = {rows_per_step * args.block_size:,}")
-    logger.info(f"steps per epoch = {steps_per_epoch:,}; this run: {total_steps:,} steps, "
-                       f"{total_steps * rows_per_step * args.block_size:,} tokens")
+    if args.max_minutes:
+        logger.info(f"steps per epoch = {steps_per_epoch:,}; this run: {args.max_minutes:g} minutes, its steps "
+                    "planned from the speed of the first ones")
+    else:
+        logger.info(f"steps per epoch = {steps_per_epoch:,}; this run: {total_steps:,} steps, "
+                    f"{total_steps * rows_per_step * args.block_size:,} tokens")
 
 
 def setup_wandb(training_args: TrainingArguments, run_name: str) -> None:
@@ -282,6 +313,12 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
+    trainer.use_muon = args.use_muon
+    if args.max_minutes:
+        trainer.time_budget = time_budget(args, training_args)
+        trainer.add_callback(trainer.time_budget)
+        trainer.time_budget.progress = next((callback for callback in trainer.callback_handler.callbacks
+                                             if isinstance(callback, ProgressCallback)), None)
     if args.use_peft:  # adapter_base.json beside each adapter saved: what merging checks the base against
         from tsg.adapter import RecordBaseCallback
 
@@ -300,13 +337,41 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
     return trainer
 
 
+def time_budget(args: StoryArguments, training_args: TrainingArguments) -> TimeBudget:
+    """The TimeBudget of `max_minutes`, with the run's warmup, decay shape and floor: a warmup_stable_decay schedule's
+    own lr_scheduler_kwargs, or cosine_with_min_lr's min_lr_rate as the floor."""
+    kwargs = dict(training_args.lr_scheduler_kwargs or {})
+    scheduler = training_args.lr_scheduler_type.value
+    if scheduler == "warmup_stable_decay":
+        shape = {key: kwargs[key] for key in ("warmup_type", "decay_type", "min_lr_ratio") if key in kwargs}
+    else:
+        shape = {"min_lr_ratio": kwargs["min_lr_rate"]} if "min_lr_rate" in kwargs else {}
+        if training_args.process_index == 0:
+            logger.info(f"max_minutes: the learning rate follows warmup_stable_decay in place of {scheduler}")
+    return TimeBudget(args.max_minutes, args.decay_share, training_args.warmup_steps,
+                      training_args.max_steps if training_args.max_steps > 0 else None, shape)
+
+
+def last_evaluation(trainer: StoryTrainer) -> dict | None:
+    """The metrics of an evaluation of the model as it ends, when training made one at its last step (a time
+    budget's end always does): the same numbers, without evaluating again."""
+    state = trainer.state
+    last = next((log for log in reversed(state.log_history) if "eval_loss" in log), None)
+    if last is None or last.get("step") != state.global_step:
+        return None
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint and \
+            checkpoint_step(state.best_model_checkpoint) != state.global_step:
+        return None  # the model now is an earlier checkpoint's
+    return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
+
+
 def save(trainer: StoryTrainer, result) -> None:
     """The final model and tokenizer (or adapter), metrics, and a last evaluation."""
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
+        metrics = last_evaluation(trainer) or trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     trainer.save_state()  # after the last evaluation: its log_history has every point loss.png draws
@@ -372,6 +437,8 @@ def train(args: StoryArguments, training_args: TrainingArguments) -> None:
                 if args.overwrite_output_dir and not resume:
                     clear_output(training_args.output_dir)
                 write_run_config(args, training_args, resume)
+            if args.max_minutes:  # only now: run_config.json records the max_steps the user gave
+                training_args.max_steps = PROVISIONAL_STEPS
             with stop.installed():
                 result = trainer.train(resume_from_checkpoint=resume)
             if stop.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
