@@ -201,7 +201,7 @@ def test_muon_state_is_checkpointed_and_a_resume_goes_on_as_if_uninterrupted(tmp
     straight = tmp_path / "straight"
     train.main(tiny_cli(stories, straight, "--use_muon", "true", **RUN))
     muon_reference = logged_losses(straight)
-    assert muon_reference[RUN["max_steps"]] != pytest.approx(reference[RUN["max_steps"]], rel=1e-3)  # not AdamW's
+    assert max(abs(muon_reference[step] / reference[step] - 1) for step in reference) > 1e-5  # not AdamW's run
 
     out = tmp_path / "out"
     child = _child("SIGTERM", 8, tiny_cli(stories, out, "--use_muon", "true", **RUN))

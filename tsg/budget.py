@@ -81,12 +81,15 @@ class TimeBudget(TrainerCallback):
 
     `scheduler(optimizer)` is the run's LR scheduler (StoryTrainer.create_scheduler). `warmup_steps` is
     TrainingArguments' (steps, or below 1 a share of the planned steps); `max_steps`, when set, caps the plan;
-    `scheduler_kwargs` are warmup_stable_decay's warmup_type, decay_type and min_lr_ratio. `clock` is for tests."""
+    `scheduler_kwargs` are warmup_stable_decay's warmup_type, decay_type and min_lr_ratio; `eval_rows` the size of
+    the evaluation set. `clock` is for tests."""
 
     def __init__(self, minutes: float, decay_share: float = 0.2, warmup_steps: float = 0, max_steps: int | None = None,
-                 scheduler_kwargs: dict | None = None, started: float | None = None, clock=time.time):
+                 scheduler_kwargs: dict | None = None, eval_rows: int = 0, started: float | None = None,
+                 clock=time.time):
         self.minutes, self.decay_share, self.warmup_steps, self.max_steps = minutes, decay_share, warmup_steps, max_steps
         self.clock = clock
+        self.eval_rows = eval_rows  # rows of the evaluation set: its cost is estimated from them until one is timed
         self.deadline = (process_start() if started is None else started) + minutes * 60
         warmup = int(warmup_steps) if warmup_steps >= 1 else WARMUP_GUESS if warmup_steps else 0
         self.plan = Plan(warmup, PROVISIONAL_STEPS, 0, **(scheduler_kwargs or {}))
@@ -112,12 +115,17 @@ class TimeBudget(TrainerCallback):
         step = state.global_step
         if step > self.started_at_step + 1:  # the first step of a process pays for warming up: left out
             self.step_seconds.append(now - self.mark)
-        if len(self.step_seconds) >= FIRST_PLAN and (not self.plans or (step - self.started_at_step) % PLAN_EVERY == 0):
+        if not self.plans:  # before the first plan, only max_steps or a spent budget end the run
+            due = len(self.step_seconds) >= FIRST_PLAN or bool(self.max_steps and step >= self.max_steps) or \
+                self._agreed(int(now >= self.deadline), args) > 0
+        else:
+            due = (step - self.started_at_step) % PLAN_EVERY == 0
+        if due:
             self.replan(args, state, now, kwargs)
-        if step >= self.plan.end:  # the last step: evaluated and saved, whatever the intervals say
-            control.should_training_stop = True
-            control.should_evaluate = args.eval_strategy != "no"
-            control.should_save = args.save_strategy != "no"
+        if step >= self.plan.end:  # the last step: evaluated and saved, whatever the intervals say (an epoch
+            control.should_training_stop = True  # strategy does both at the end of the epoch the stop ends)
+            control.should_evaluate = control.should_evaluate or args.eval_strategy == "steps"
+            control.should_save = control.should_save or args.save_strategy == "steps"
         self.mark = self.clock()
         return control
 
@@ -134,14 +142,12 @@ class TimeBudget(TrainerCallback):
     def costs(self, args, kwargs) -> tuple[float, float, float]:
         """Seconds of (a training step, an evaluation, a checkpoint): the steps of late (a speed that drifts is
         followed), the last evaluation and checkpoint, or estimates from the step's speed before there was one."""
-        step = sum(self.step_seconds) / len(self.step_seconds)
+        step = sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else self.clock() - self.mark
         evaluation = self.eval_seconds
         if evaluation is None:
-            evaluation = 0.0
-            if args.eval_strategy != "no" and kwargs.get("eval_dataloader") is not None:
-                rows = len(kwargs["eval_dataloader"]) * args.per_device_eval_batch_size
-                rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-                evaluation = rows / rows_per_step * step / 2  # a forward pass is about a third of a step
+            rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            evaluation = 0.0 if args.eval_strategy == "no" else \
+                self.eval_rows / rows_per_step * step / 2  # a forward pass is about a third of a step
         saving = self.save_seconds
         if saving is None:
             model = kwargs.get("model")
@@ -159,7 +165,7 @@ class TimeBudget(TrainerCallback):
         # after the last: its evaluation and checkpoint, the final save, and a margin
         reserve = eval_seconds + 2 * save_seconds + max(5.0, 0.01 * self.minutes * 60)
         end = step + max(0, math.floor((self.deadline - now - reserve) / per_step))
-        end = self._agreed(min(end, self.max_steps) if self.max_steps else end, args)
+        end = max(step, self._agreed(min(end, self.max_steps) if self.max_steps else end, args))
         plan = self.plan
         if plan.stable < PROVISIONAL_STEPS and step >= plan.decay_start:  # decaying: only shortened, not moved
             plan.decay = min(plan.decay, max(0, end - plan.decay_start))
@@ -178,13 +184,13 @@ class TimeBudget(TrainerCallback):
                         f"decaying from step {plan.decay_start:,} ({step_seconds:.3g} s a step measured, "
                         f"{reserve:.0f} s kept for the last evaluation and save)")
 
-    def _agreed(self, end: int, args) -> int:
-        """The main process's `end`, on every process."""
+    def _agreed(self, value: int, args) -> int:
+        """The main process's `value`, on every process."""
         if args.world_size <= 1:
-            return end
+            return value
         from accelerate.utils import broadcast
 
-        return int(broadcast(torch.tensor([end], dtype=torch.long, device=args.device), from_process=0).item())
+        return int(broadcast(torch.tensor([value], dtype=torch.long, device=args.device), from_process=0).item())
 
     def _show_total(self, total: int) -> None:
         """The progress bar's total: the planned steps, not the provisional ones."""

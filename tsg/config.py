@@ -610,6 +610,11 @@ def _check_training(story_args: "StoryArguments", training_args: TrainingArgumen
             if value is not None and 0 < value < 1:
                 raise UserError(f"{name}={value} is a share of the run's steps, which max_minutes plans as the run "
                                 "goes: give a number of steps")
+    sharded = training_args.fsdp or training_args.deepspeed or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
+    if story_args.use_muon and sharded:
+        raise UserError("use_muon orthogonalises whole weight matrices: FSDP and DeepSpeed split them across "
+                        "processes; use DDP (or AdamW)")
     if story_args.use_muon and not training_args.optim.value.startswith("adamw"):
         raise UserError(f"use_muon keeps embeddings, norms and biases on AdamW: optim must be an adamw_* optimizer, "
                         f"got {training_args.optim.value}")

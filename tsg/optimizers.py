@@ -39,10 +39,21 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Two optimizers stepped as one: Muon on the weight matrices, AdamW on the rest (see the module's text)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        groups = [group for optimizer in (muon, adamw) for group in optimizer.param_groups]
+        super().__init__([p for group in groups for p in group["params"]], {})  # the hooks and checks of one
         self.optimizers = {"muon": muon, "adamw": adamw}
-        groups = [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
-        super().__init__([p for group in groups for p in group["params"]], {})
-        self.param_groups = groups  # the two optimizers' own dicts: a learning rate set here is theirs
+
+    # After __init__, the groups are the two optimizers' own, read anew each time: their load_state_dict replaces
+    # their group dicts, and a learning rate a scheduler sets here must be theirs.
+    @property
+    def param_groups(self):
+        if "optimizers" not in self.__dict__:  # inside Optimizer.__init__
+            return self.__dict__.setdefault("_groups_at_init", [])
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.__dict__["_groups_at_init"] = value
 
     @property
     def state(self):

@@ -315,7 +315,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
     )
     trainer.use_muon = args.use_muon
     if args.max_minutes:
-        trainer.time_budget = time_budget(args, training_args)
+        trainer.time_budget = time_budget(args, training_args, len(blocks["validation"]) if "validation" in blocks else 0)
         trainer.add_callback(trainer.time_budget)
         trainer.time_budget.progress = next((callback for callback in trainer.callback_handler.callbacks
                                              if isinstance(callback, ProgressCallback)), None)
@@ -337,7 +337,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
     return trainer
 
 
-def time_budget(args: StoryArguments, training_args: TrainingArguments) -> TimeBudget:
+def time_budget(args: StoryArguments, training_args: TrainingArguments, eval_rows: int) -> TimeBudget:
     """The TimeBudget of `max_minutes`, with the run's warmup, decay shape and floor: a warmup_stable_decay schedule's
     own lr_scheduler_kwargs, or cosine_with_min_lr's min_lr_rate as the floor."""
     kwargs = dict(training_args.lr_scheduler_kwargs or {})
@@ -345,11 +345,13 @@ def time_budget(args: StoryArguments, training_args: TrainingArguments) -> TimeB
     if scheduler == "warmup_stable_decay":
         shape = {key: kwargs[key] for key in ("warmup_type", "decay_type", "min_lr_ratio") if key in kwargs}
     else:
-        shape = {"min_lr_ratio": kwargs["min_lr_rate"]} if "min_lr_rate" in kwargs else {}
+        floor = kwargs["min_lr_rate"] if "min_lr_rate" in kwargs else \
+            kwargs["min_lr"] / training_args.learning_rate if "min_lr" in kwargs else None
+        shape = {} if floor is None else {"min_lr_ratio": floor}
         if training_args.process_index == 0:
             logger.info(f"max_minutes: the learning rate follows warmup_stable_decay in place of {scheduler}")
     return TimeBudget(args.max_minutes, args.decay_share, training_args.warmup_steps,
-                      training_args.max_steps if training_args.max_steps > 0 else None, shape)
+                      training_args.max_steps if training_args.max_steps > 0 else None, shape, eval_rows)
 
 
 def last_evaluation(trainer: StoryTrainer) -> dict | None:
@@ -359,10 +361,12 @@ def last_evaluation(trainer: StoryTrainer) -> dict | None:
     last = next((log for log in reversed(state.log_history) if "eval_loss" in log), None)
     if last is None or last.get("step") != state.global_step:
         return None
+    # by the folder's name, which every process reads alike (a checkpoint's files may be on the main node only)
     if trainer.args.load_best_model_at_end and state.best_model_checkpoint and \
-            checkpoint_step(state.best_model_checkpoint) != state.global_step:
+            Path(state.best_model_checkpoint).name != f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}":
         return None  # the model now is an earlier checkpoint's
-    return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
+    return {key: value for key, value in last.items()
+            if key.startswith("eval_") or key in ("epoch", "num_input_tokens_seen")}
 
 
 def save(trainer: StoryTrainer, result) -> None:
