@@ -47,9 +47,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from tsg import data, model as models, plots
 from tsg.budget import PROVISIONAL_STEPS, TimeBudget
 from tsg.callbacks import StopOnSignal
-from tsg.optimizers import build_muon_with_adamw
 from tsg.config import RunError, StoryArguments, write_run_config
 from tsg.files import UserError, check_weights, one_line
+from tsg.optimizers import build_muon_with_adamw
 
 logger = logging.getLogger(__name__)
 
