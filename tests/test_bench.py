@@ -68,6 +68,14 @@ def test_hardware_and_raw_figures(results):
         assert is_number(run["mfu"]) and run["flops_per_token"] > 0
     for key in ("cold_num_proc_1", "cached_num_proc_1", "cold_num_proc_2", "cached_num_proc_2"):
         assert is_number(found["pipeline"][key]["seconds_per_mb"])
+    scale = found["pipeline"]["scale"]
+    assert list(scale) == ["1MB", "3MB"]  # TINY's scale_megabytes, smallest first
+    for case in scale.values():
+        assert case["megabytes"] >= 1 and is_number(case["megabytes_per_s"]) and case["blocks"] > 0
+        assert case["peak_own_memory_bytes"] > 0 and case["peak_rss_bytes"] >= case["peak_own_memory_bytes"]
+        assert case["cache_bytes"] > 0 and is_number(case["cores_used"])
+    # the 3 MB file is 4 copies of the 0.95 MB sample, the 1 MB file 2: twice the stories
+    assert scale["3MB"]["stories"] == 2 * scale["1MB"]["stories"]
     gen = found["generation"]
     for quantization in generation.QUANTIZATIONS:
         weights = gen["weights"][quantization]
@@ -143,3 +151,11 @@ def test_4bit_generation_on_the_cpu_with_a_width_bitsandbytes_cannot_repack(tmp_
     model, tok = generation.load_model(str(tmp_path), "4bit", "cpu")
     stories = generation.tell_stories(model, tok, ["Once upon a time", "Tom"], max_new_tokens=5)
     assert len(stories) == 2 and all(1 <= story.tokens <= 5 for story in stories)
+
+
+def test_repeated_stories_are_whole_copies(tmp_path, small_txt):
+    """The scale files of the pipeline section: the source's stories again and again, none run into the next."""
+    source = list(data.read_tinystories_txt(str(small_txt)))
+    size = small_txt.stat().st_size
+    bench.repeat_stories(str(small_txt), 2.5 * size / 1e6, tmp_path / "big.txt")
+    assert list(data.read_tinystories_txt(str(tmp_path / "big.txt"))) == source * 3

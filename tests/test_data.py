@@ -414,3 +414,15 @@ def test_counts_for_bits_per_byte_respect_the_split():
     rows = data.pack_stories([[5, 6, 7], [8, 9]], 4, "isolated", 0)
     blocks = Dataset.from_dict({key: value.tolist() for key, value in rows.items()})
     assert data.count_labels(blocks) == int((rows["labels"] != -100).sum()) == 2  # 6 and 7
+
+
+def test_large_story_files_tokenize_on_every_core(monkeypatch):
+    """tsg train's default processes for tokenizing and packing: one per usable core once the story text is large
+    enough to pay for starting them, one (in the process) below that."""
+    stories = DatasetDict({"train": Dataset.from_dict({"text": ["Once upon a time. " * 50] * 40})})
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert data.default_num_proc(stories) is None  # ~36 kB
+    monkeypatch.setattr(data, "PARALLEL_BYTES", 10_000)
+    assert data.default_num_proc(stories) == 3
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0})
+    assert data.default_num_proc(stories) is None

@@ -264,6 +264,9 @@ def test_tiny_cpu_config_trains_and_loads(tmp_path, monkeypatch):
     check_loads(out, n_layer=raw["num_hidden_layers"], n_embd=raw["hidden_size"], vocab=raw["vocab_size"],
                 model_type=raw["model_type"])
     assert state(out)["global_step"] == 3
+    # its last step, off the eval_steps grid, is evaluated before it is saved: the model kept is step 3's
+    assert [e["step"] for e in state(out)["log_history"] if "eval_loss" in e] == [3]
+    assert state(out)["best_model_checkpoint"].endswith("checkpoint-3")
     record = json.loads((out / "run_config.json").read_text())
     assert record["config"]["block_size"] == raw["block_size"] and record["config"]["max_steps"] == 3
 

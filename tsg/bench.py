@@ -14,7 +14,11 @@ Sections:
   trainer     tsg's Trainer step against a plain PyTorch loop: same model, batches and optimizer
   mfu         training FLOP/s of configs/tiny_cpu.json (read through tsg.config, so edits to it flow in) over the
               measured peak, and the levers around it (fused optimizer, torch.compile, batch, threads)
-  pipeline    tokenize-and-pack seconds per MB: cold and cached, num_proc 1 and 2
+  pipeline    tokenize-and-pack seconds per MB: cold and cached, num_proc 1 and 2; then, at scale, files of ~100 MB,
+              ~500 MB and ~2 GB made by repeating the data (a temporary folder): MB/s of reading, tokenizing and
+              packing as `tsg train` does (its default processes), the peak memory of the process and its workers
+              (their own, not the page cache of the memory-mapped Arrow files), the cores used and the disk
+              the cache takes (about 15 minutes and 25 GB of disk at these sizes; --scale_megabytes sets them)
   generation  tokens/s of 32 stories batched against one by one; fp32, 8-bit and 4-bit weights; time to first
               token; one story (greedy, KV cache, 256 new tokens): tsg's path against plain generate() and, with
               llama-cpp-python installed, llama.cpp on the model's GGUF, on the llama2.c stories15M shape and on
@@ -36,11 +40,14 @@ import gc
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -95,6 +102,9 @@ TARGETS = {
     "trainer_vs_plain_loop": (">=", 0.95),
     "mfu": (">=", 0.45),
     "cached_vs_cold_pipeline": ("<=", 0.05),
+    "pipeline_scale_seconds_per_mb": ("<=", 1.2),
+    "pipeline_scale_memory": ("<=", 1.5),
+    "pipeline_scale_cores": None,
     "batched32_vs_single_generation": (">=", 8.0),
     "single_vs_hf_generate": (">=", 1.4),
     "single_vs_hf_generate_tiny_cpu": None,
@@ -122,6 +132,7 @@ class Sizes:
     llama: dict = field(default_factory=dict)  # the single-stream llama shape
     memory_model: dict = field(default_factory=dict)  # the memory section's GPT-2 shape
     memory_tokens: int = 128  # tokens of the memory section's training step
+    scale_megabytes: tuple = (100, 500, 2000)  # the pipeline section's files made by repeating the data
     gpu_model: dict = field(default_factory=dict)
 
 
@@ -140,7 +151,7 @@ TINY = Sizes(
     llama=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=4, vocab_size=4096, max_position_embeddings=64, tie_word_embeddings=True),
     memory_model=dict(n_layer=2, n_embd=64, n_head=4, vocab_size=4096, n_positions=128),
-    memory_tokens=32,
+    memory_tokens=32, scale_megabytes=(1, 3),
     gpu_model=dict(n_layer=2, n_embd=64, n_head=4, vocab_size=4096, n_positions=512),
 )
 
@@ -454,6 +465,107 @@ def measure_pipeline(stories: datasets.DatasetDict, tokenizer, block_size: int) 
     return found
 
 
+def repeat_stories(source: str, megabytes: float, path: Path) -> None:
+    """A TinyStories .txt file of at least `megabytes` MB: `source`'s stories over and over, each copy ending on a
+    story's end."""
+    text = Path(source).read_bytes().rstrip() + b"\n"
+    end = (data.END_OF_STORY + "\n").encode()
+    if not text.endswith(end):
+        text += end
+    with open(path, "wb") as f:
+        for _ in range(math.ceil(megabytes * 1e6 / len(text))):
+            f.write(text)
+
+
+class MemorySampler:
+    """The peak over time of a process tree's own memory (RSS less its shared, file-backed pages: the page cache of
+    memory-mapped Arrow files is the kernel's to drop) and of its RSS, sampled in a thread."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peak_own, self.peak_rss = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            own = rss = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    memory = process.memory_info()
+                    own, rss = own + memory.rss - memory.shared, rss + memory.rss
+            self.peak_own, self.peak_rss = max(self.peak_own, own), max(self.peak_rss, rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def scale_case(path: str, tokenizer_dir: str, block_size: int, cache: str) -> dict:
+    """In a fresh process (a cold cache of its own): `path` read, tokenized and packed (isolated) as `tsg train`
+    does, each stage timed; the peak memory of the process and its workers, and the cores they used."""
+    datasets.config.HF_DATASETS_CACHE = Path(cache)
+    datasets.disable_progress_bars()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    usage = lambda: sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime  # noqa: E731
+                        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    seconds, cpu_before = {}, usage()
+    with MemorySampler() as memory:
+        start = time.perf_counter()
+        stories, _ = data.load_stories(StoryArguments(model_type="gpt2", train_file=path,
+                                                      validation_split_percentage=0), seed=0)
+        seconds["read"] = time.perf_counter() - start
+        num_proc = data.default_num_proc(stories)
+        start = time.perf_counter()
+        tokens = data.tokenize_stories(stories, tokenizer, num_proc)
+        seconds["tokenize"] = time.perf_counter() - start
+        start = time.perf_counter()
+        blocks = data.pack_dataset(tokens, block_size, "isolated", tokenizer.pad_token_id, num_proc)
+        seconds["pack"] = time.perf_counter() - start
+    wall = sum(seconds.values())
+    return {"seconds": seconds, "num_proc": num_proc, "stories": len(stories["train"]), "blocks": len(blocks["train"]),
+            "peak_own_memory_bytes": memory.peak_own, "peak_rss_bytes": memory.peak_rss,
+            "cores_used": (usage() - cpu_before) / wall, "cache_bytes": folder_bytes(Path(cache))}
+
+
+def measure_pipeline_scale(work: Path, data_file: str, tokenizer_dir: Path, block_size: int,
+                           megabytes: tuple) -> dict:
+    """scale_case on files of each size in `megabytes` made from `data_file` (a TinyStories .txt), one at a time,
+    each deleted with its cache before the next."""
+    if Path(data_file).suffix.lower() != ".txt":
+        return {"skipped": f"{data_file} is not a TinyStories .txt file to repeat"}
+    found = {}
+    for size in megabytes:
+        folder = work / "scale"
+        folder.mkdir()
+        path = folder / f"stories_{size:g}MB.txt"
+        repeat_stories(data_file, size, path)
+        file_megabytes = path.stat().st_size / 1e6
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+            case = fresh_process.submit(scale_case, str(path), str(tokenizer_dir), block_size,
+                                        str(folder / "cache")).result()
+        shutil.rmtree(folder)
+        wall = sum(case["seconds"].values())
+        case |= {"megabytes": file_megabytes, "megabytes_per_s": file_megabytes / wall,
+                 "tokenize_pack_megabytes_per_s": file_megabytes / (case["seconds"]["tokenize"] + case["seconds"]["pack"])}
+        found[f"{size:g}MB"] = case
+        say(f"pipeline at scale, {file_megabytes:,.0f} MB: {case['megabytes_per_s']:.2f} MB/s in all (read "
+            f"{case['seconds']['read']:.0f} s, tokenize {case['seconds']['tokenize']:.0f} s, pack "
+            f"{case['seconds']['pack']:.0f} s; {case['num_proc'] or 1} processes, {case['cores_used']:.2f} cores used), "
+            f"peak memory {case['peak_own_memory_bytes'] / 2**20:,.0f} MiB own ({case['peak_rss_bytes'] / 2**20:,.0f} "
+            f"MiB RSS), cache {case['cache_bytes'] / 1e9:.2f} GB")
+    return found
+
+
 # --- generation ---
 
 
@@ -708,6 +820,12 @@ def ratios_of(results: dict) -> dict:
     if results.get("pipeline"):
         pipeline = results["pipeline"]
         ratios["cached_vs_cold_pipeline"] = pipeline["cached_num_proc_1"]["seconds"] / pipeline["cold_num_proc_1"]["seconds"]
+        scale = [case for case in pipeline.get("scale", {}).values() if isinstance(case, dict)]
+        if len(scale) >= 2:  # the largest file against the smallest
+            small, large = scale[0], scale[-1]
+            ratios["pipeline_scale_seconds_per_mb"] = small["megabytes_per_s"] / large["megabytes_per_s"]
+            ratios["pipeline_scale_memory"] = large["peak_own_memory_bytes"] / small["peak_own_memory_bytes"]
+            ratios["pipeline_scale_cores"] = large["cores_used"]
     gen = results.get("generation")
     if gen:
         ratios["batched32_vs_single_generation"] = (gen["weights"]["none"]["batched32"]["tokens_per_s"]
@@ -750,6 +868,13 @@ def table(results: dict) -> str:
                          f"{gen[section]['hf_generate']['tokens_per_s']:.0f} tokens/s, llama.cpp "
                          + (f"{llama_cpp['tokens_per_s']:.0f} tokens/s" if llama_cpp else
                             f"skipped ({gen[section].get('llama_cpp_skipped')})"))
+    scale = (results.get("pipeline") or {}).get("scale", {})
+    for name, case in scale.items():
+        lines.append(f"pipeline at scale: {name} skipped ({case})" if name == "skipped" else
+                     f"pipeline at scale, {case['megabytes']:,.0f} MB: {case['megabytes_per_s']:.2f} MB/s read, "
+                     f"tokenized and packed ({case['tokenize_pack_megabytes_per_s']:.2f} MB/s tokenize and pack), "
+                     f"{case['cores_used']:.2f} cores, peak memory {case['peak_own_memory_bytes'] / 2**20:,.0f} MiB, "
+                     f"cache {case['cache_bytes'] / 1e9:.2f} GB")
     if results.get("mfu"):
         mfu = results["mfu"]
         lines.append(f"mfu tiny_cpu.json as configured: {mfu['as_configured']['tokens_per_s']:,.0f} tokens/s, "
@@ -767,7 +892,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(data_file: str, sizes: Sizes, only: str | None, work: Path) -> dict:
+def run_bench(data_file: str, sizes: Sizes, only: str | None, work: Path,
+              scale_megabytes: tuple | None = None) -> dict:
     started = time.perf_counter()
     datasets.config.HF_DATASETS_CACHE = work / "datasets"  # a private cache: cold runs stay cold, nothing left behind
     results: dict = {"tsg_version": __version__, "mode": "tiny" if sizes is TINY else "full",
@@ -796,6 +922,9 @@ def run_bench(data_file: str, sizes: Sizes, only: str | None, work: Path) -> dic
         results["mfu"] = measure_mfu(work, data_file, tokenizer_dir, sizes, peak)
     if run("pipeline"):
         results["pipeline"] = measure_pipeline(stories, tokenizer, args.block_size)
+        if scale_megabytes:
+            results["pipeline"]["scale"] = measure_pipeline_scale(work, data_file, tokenizer_dir, args.block_size,
+                                                                  scale_megabytes)
     if run("generation"):
         results["generation"] = measure_generation(work, tokenizer, tokenizer_dir, sizes)
     if run("memory"):
@@ -818,6 +947,8 @@ class BenchArguments:
     output: str = option("bench-results.json", "JSON file of the results.")
     tiny: bool = option(False, "Tiny sizes: every section in seconds (for the tests).")
     only: Optional[Literal[SECTIONS]] = option(None, "Run one section (the hardware section always runs).")
+    scale_megabytes: Optional[list[float]] = option(None, "The pipeline section's repeated-data files, in MB "
+                                                    "(default: 100 500 2000, or 1 3 with --tiny; 0 for none).")
 
     def __post_init__(self):
         existing_file(self.data, "data")
@@ -835,7 +966,9 @@ def bench(options: BenchArguments) -> dict:
     hf_logging.set_verbosity_error()
     sizes = TINY if options.tiny else FULL
     with tempfile.TemporaryDirectory(prefix="tsg-bench-") as work:
-        results = run_bench(options.data, sizes, options.only, Path(work))
+        scale = sizes.scale_megabytes if options.scale_megabytes is None else \
+            tuple(size for size in options.scale_megabytes if size > 0)
+        results = run_bench(options.data, sizes, options.only, Path(work), scale)
     try:
         write_text(options.output, json.dumps(results, indent=2, default=str) + "\n")
     except OSError as e:

@@ -1,8 +1,12 @@
-"""Trainer callbacks: stopping cleanly on SIGTERM, and W&B extras for training runs (`--report_to wandb`).
+"""Trainer callbacks: stopping cleanly on SIGTERM, an evaluation of the last step, and W&B extras for training runs (`--report_to wandb`).
 
 `StopOnSignal` turns SIGTERM (what SLURM, Kubernetes and spot machines send before they kill) into a clean stop:
 the optimizer step under way ends, a checkpoint of it is saved, and training stops; every process of a
 distributed run stops at the same step, even when the signal reaches them at different times.
+
+`EvaluateLastStep` evaluates the last step of a run evaluated every `eval_steps`, when the steps do not end on
+a multiple of them. The Trainer saves that step but does not evaluate it, so under `load_best_model_at_end` the
+best evaluated checkpoint, an earlier one, would replace the finished model and the run's last steps be lost.
 
 `SampleStoriesCallback` tells one story per prompt every `sample_steps` optimizer steps and once more at the end
 of training, and logs them to the active W&B run as a table under the key `samples` (columns step, prompt,
@@ -225,6 +229,16 @@ class WandbConfigCallback(TrainerCallback):
                 values[f"tsg/{name}"] = value
         config.update(values, allow_val_change=True)
         self.done = True
+
+
+class EvaluateLastStep(TrainerCallback):
+    """An evaluation at the last step of an `eval_strategy="steps"` run (see the module's text), before its save, so
+    that the finished model takes part in choosing the best one."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
 
 
 class StopOnSignal(TrainerCallback):

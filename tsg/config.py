@@ -467,7 +467,8 @@ class StoryArguments:
     packing: Literal["isolated", "concat", "pad"] = option(
         "isolated", "isolated: whole stories packed into blocks, each attending only to itself; concat: plain "
         "concatenation (run_clm); pad: one story per row, padded.")
-    preprocessing_num_workers: Optional[int] = option(None, "Processes for tokenizing.")
+    preprocessing_num_workers: Optional[int] = option(None, "Processes for tokenizing and packing (default: one per core "
+                                                      "for story text over 50 MB, else one).")
     overwrite_cache: bool = option(False, "Tokenize again even if a cached result exists.")
 
     # --- the run ---

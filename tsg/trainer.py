@@ -46,7 +46,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from tsg import data, model as models, plots
 from tsg.budget import PROVISIONAL_STEPS, TimeBudget
-from tsg.callbacks import StopOnSignal
+from tsg.callbacks import EvaluateLastStep, StopOnSignal
 from tsg.config import RunError, StoryArguments, write_run_config
 from tsg.files import UserError, check_weights, one_line
 from tsg.optimizers import build_muon_with_adamw
@@ -219,10 +219,11 @@ def build_tokenizer(args: StoryArguments, training_args: TrainingArguments, stor
 
 def build_blocks(args: StoryArguments, training_args: TrainingArguments, stories, tokenizer: PreTrainedTokenizerBase):
     """Tokenized, packed blocks (rank 0 first, the other processes read its cache)."""
+    num_proc = args.preprocessing_num_workers or data.default_num_proc(stories)
     with training_args.main_process_first(desc="tokenize and pack"):
-        tokens = data.tokenize_stories(stories, tokenizer, args.preprocessing_num_workers, args.overwrite_cache)
-        blocks = data.pack_dataset(tokens, args.block_size, args.packing, tokenizer.pad_token_id,
-                                   args.preprocessing_num_workers, args.overwrite_cache)
+        tokens = data.tokenize_stories(stories, tokenizer, num_proc, args.overwrite_cache)
+        blocks = data.pack_dataset(tokens, args.block_size, args.packing, tokenizer.pad_token_id, num_proc,
+                                   args.overwrite_cache)
     return tokens, blocks
 
 
@@ -314,6 +315,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
     trainer.use_muon = args.use_muon
+    trainer.add_callback(EvaluateLastStep)
     if args.max_minutes:
         trainer.time_budget = time_budget(args, training_args, len(blocks["validation"]) if "validation" in blocks else 0)
         trainer.add_callback(trainer.time_budget)
