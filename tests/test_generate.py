@@ -437,8 +437,11 @@ def test_interrupted_generation_keeps_every_story_and_resumes_as_if_uninterrupte
     reference = tmp_path / "reference.jsonl"
     assert run_main([*words, "--output", reference], capsys)[0] == 0
     output = tmp_path / "stories.jsonl"
+    # SIGINT at its default in the child, whatever this process inherited: a shell starts background jobs with it
+    # ignored, and Python then leaves it ignored
     process = subprocess.Popen([sys.executable, "-m", "tsg", "generate", *words, "--output", str(output)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env())
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not output.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the first batch is written: interrupt while later ones are told

@@ -18,7 +18,7 @@ Sections:
               ~500 MB and ~2 GB made by repeating the data (a temporary folder): MB/s of reading, tokenizing and
               packing as `tsg train` does (its default processes), the peak memory of the process and its workers
               (their own, not the page cache of the memory-mapped Arrow files), the cores used and the disk
-              the cache takes (about 15 minutes and 25 GB of disk at these sizes; --scale_megabytes sets them)
+              the cache takes (about 17 minutes and 17 GB of disk at these sizes; --scale_megabytes sets them)
   generation  tokens/s of 32 stories batched against one by one; fp32, 8-bit and 4-bit weights; time to first
               token; one story (greedy, KV cache, 256 new tokens): tsg's path against plain generate() and, with
               llama-cpp-python installed, llama.cpp on the model's GGUF, on the llama2.c stories15M shape and on
@@ -74,7 +74,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PrinterCallback,
-    Trainer,
     TrainerCallback,
     set_seed,
 )
@@ -116,7 +115,8 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much each section runs: `FULL` for `make bench` (< 20 min on 2 cores), `TINY` for the tests (seconds)."""
+    """How much each section runs: `FULL` for `make bench` (~30 min on 2 cores, half of it the pipeline at scale),
+    `TINY` for the tests (seconds)."""
 
     max_stories: int | None  # training stories read from the data file (None: all)
     warmup_steps: int  # training steps before the clock starts (first-step allocations, torch.compile)
@@ -338,12 +338,13 @@ def measure_packing(work: Path, data_file: str, tokenizer_dir: Path, sizes: Size
 
 
 def plain_loop_throughput(trainer, sizes: Sizes) -> dict:
-    """A minimal PyTorch loop on the Trainer's model, batches and optimizer (class and settings, from the same
-    TrainingArguments): forward, backward, gradient clipping, optimizer step."""
+    """A minimal PyTorch loop on the Trainer's model, batches and optimizer (a new one, built as the Trainer builds
+    its own: Muon + AdamW where the config says use_muon): forward, backward, gradient clipping, optimizer step."""
     model = trainer.model
     model.train()
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
-    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], **optimizer_kwargs)
+    kept, trainer.optimizer = trainer.optimizer, None
+    optimizer = trainer.create_optimizer()
+    trainer.optimizer = kept
     counter = trainer.data_collator
     counter.counts.clear()
     steps = []
