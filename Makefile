@@ -121,7 +121,7 @@ $(TRANSFORMERS4)/.installed:
 	touch $@
 
 # make bench [DATA=stories.txt] [ARGS="--only generation"]: throughput, MFU, memory and generation speed, measured
-# side by side; prints a table and writes bench-results.json (< 20 min on 2 cores).
+# side by side; prints a table and writes bench-results.json (~30 min on 2 cores, half of it tokenizing ~2.6 GB of repeated stories: ARGS="--scale_megabytes 0" skips that).
 bench: install
 	$(BIN)/tsg bench --data "$(BENCH_DATA)" --output bench-results.json $(ARGS)
 
