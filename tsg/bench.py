@@ -559,12 +559,18 @@ def measure_pipeline_scale(work: Path, data_file: str, tokenizer_dir: Path, bloc
         case |= {"megabytes": file_megabytes, "megabytes_per_s": file_megabytes / wall,
                  "tokenize_pack_megabytes_per_s": file_megabytes / (case["seconds"]["tokenize"] + case["seconds"]["pack"])}
         found[f"{size:g}MB"] = case
-        say(f"pipeline at scale, {file_megabytes:,.0f} MB: {case['megabytes_per_s']:.2f} MB/s in all (read "
-            f"{case['seconds']['read']:.0f} s, tokenize {case['seconds']['tokenize']:.0f} s, pack "
-            f"{case['seconds']['pack']:.0f} s; {case['num_proc'] or 1} processes, {case['cores_used']:.2f} cores used), "
-            f"peak memory {case['peak_own_memory_bytes'] / 2**20:,.0f} MiB own ({case['peak_rss_bytes'] / 2**20:,.0f} "
-            f"MiB RSS), cache {case['cache_bytes'] / 1e9:.2f} GB")
+        say(scale_line(case))
     return found
+
+
+def scale_line(case: dict) -> str:
+    """One file of the pipeline at scale, as the progress line and the table show it."""
+    seconds = case["seconds"]
+    return (f"pipeline at scale, {case['megabytes']:,.0f} MB: {case['megabytes_per_s']:.2f} MB/s in all (read "
+            f"{seconds['read']:.0f} s, tokenize {seconds['tokenize']:.0f} s, pack {seconds['pack']:.0f} s; "
+            f"{case['num_proc'] or 1} processes, {case['cores_used']:.2f} cores used), peak memory "
+            f"{case['peak_own_memory_bytes'] / 2**20:,.0f} MiB own ({case['peak_rss_bytes'] / 2**20:,.0f} MiB RSS), "
+            f"cache {case['cache_bytes'] / 1e9:.2f} GB")
 
 
 # --- generation ---
@@ -871,11 +877,7 @@ def table(results: dict) -> str:
                             f"skipped ({gen[section].get('llama_cpp_skipped')})"))
     scale = (results.get("pipeline") or {}).get("scale", {})
     for name, case in scale.items():
-        lines.append(f"pipeline at scale: {name} skipped ({case})" if name == "skipped" else
-                     f"pipeline at scale, {case['megabytes']:,.0f} MB: {case['megabytes_per_s']:.2f} MB/s read, "
-                     f"tokenized and packed ({case['tokenize_pack_megabytes_per_s']:.2f} MB/s tokenize and pack), "
-                     f"{case['cores_used']:.2f} cores, peak memory {case['peak_own_memory_bytes'] / 2**20:,.0f} MiB, "
-                     f"cache {case['cache_bytes'] / 1e9:.2f} GB")
+        lines.append(f"pipeline at scale: skipped ({case})" if name == "skipped" else scale_line(case))
     if results.get("mfu"):
         mfu = results["mfu"]
         lines.append(f"mfu tiny_cpu.json as configured: {mfu['as_configured']['tokens_per_s']:,.0f} tokens/s, "
