@@ -170,3 +170,12 @@ def test_muon_with_adamw_steps_both_and_its_state_round_trips():
     copy = build_muon_with_adamw(tiny_llama(), torch.optim.AdamW, {"betas": (0.9, 0.95)}, 1e-2, 0.1, decay)
     copy.load_state_dict(optimizer.state_dict())
     assert len(copy.state) == len(optimizer.state) == len(list(model.parameters()))
+
+
+def test_muon_learning_rate_is_muons_own_and_the_schedule_scales_both():
+    model = tiny_llama()
+    decay = {name for name, p in model.named_parameters() if p.ndim == 2}
+    optimizer = build_muon_with_adamw(model, torch.optim.AdamW, {}, 1e-3, 0.1, decay, muon_learning_rate=8e-3)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    rates = {name: {group["lr"] for group in o.param_groups} for name, o in optimizer.optimizers.items()}
+    assert rates == {"muon": {4e-3}, "adamw": {5e-4}}

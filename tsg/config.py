@@ -485,6 +485,9 @@ class StoryArguments:
                                 "decays.")
     use_muon: bool = option(False, "Muon (torch.optim.Muon) on the weight matrices, the optim's AdamW on embeddings, "
                             "the output layer, norms and biases; both at learning_rate and weight_decay.")
+    muon_learning_rate: Optional[float] = option(None, "With use_muon: Muon's peak learning rate, in AdamW's units "
+                                                 "(its updates are scaled to an AdamW update's size; default: "
+                                                 "learning_rate); the schedule scales it as it does learning_rate.")
 
     def __post_init__(self):
         for name in ("model_name_or_path", "model_type", "tokenizer_name", "attn_implementation", "dataset_name",

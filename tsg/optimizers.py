@@ -2,9 +2,9 @@
 
 Muon (torch.optim.Muon) orthogonalises each update of a 2-D weight matrix; it is not meant for embeddings, the
 output layer, norms or biases, which stay on the run's AdamW (`optim`, with its betas, epsilon and weight decay).
-Muon takes the run's learning_rate and weight_decay too: `adjust_lr_fn="match_rms_adamw"` scales its update to
-the size of an AdamW one (Moonshot, "Muon is Scalable for LLM Training"), so the rate tuned for AdamW carries
-over, and one learning-rate schedule drives both.
+Muon takes the run's weight_decay and learning_rate too (or its own `muon_learning_rate`):
+`adjust_lr_fn="match_rms_adamw"` scales its update to the size of an AdamW one (Moonshot, "Muon is Scalable for
+LLM Training"), so a rate tuned for AdamW is a starting point, and one learning-rate schedule drives both.
 
     optimizer = MuonWithAdamW(muon_parameters(model), Muon(...), AdamW(...))
 
@@ -39,9 +39,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Two optimizers stepped as one: Muon on the weight matrices, AdamW on the rest (see the module's text)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        groups = [group for optimizer in (muon, adamw) for group in optimizer.param_groups]
+        # AdamW's groups first: the Trainer logs the first group's rate as learning_rate
+        groups = [group for optimizer in (adamw, muon) for group in optimizer.param_groups]
         super().__init__([p for group in groups for p in group["params"]], {})  # the hooks and checks of one
-        self.optimizers = {"muon": muon, "adamw": adamw}
+        self.optimizers = {"adamw": adamw, "muon": muon}
 
     # After __init__, the groups are the two optimizers' own, read anew each time: their load_state_dict replaces
     # their group dicts, and a learning rate a scheduler sets here must be theirs.
@@ -82,9 +83,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def build_muon_with_adamw(model: nn.Module, adamw_class, adamw_kwargs: dict, learning_rate: float,
-                          weight_decay: float, decay_names: set[str]) -> MuonWithAdamW:
-    """Muon (momentum 0.95, Nesterov, AdamW-matched update size) on the weight matrices, `adamw_class(**kwargs)`
-    (the Trainer's class for `optim`) on the rest, both at `learning_rate`; weight decay on the matrices and on the
+                          weight_decay: float, decay_names: set[str],
+                          muon_learning_rate: float | None = None) -> MuonWithAdamW:
+    """Muon (momentum 0.95, Nesterov, AdamW-matched update size) on the weight matrices at `muon_learning_rate`
+    (default: `learning_rate`), `adamw_class(**kwargs)` (the Trainer's class for `optim`) on the rest at
+    `learning_rate`; weight decay on the matrices and on the
     parameters named in `decay_names` (the Trainer's choice: not norms, not biases)."""
     matrices, rest = muon_parameters(model)
     if not matrices:
@@ -92,6 +95,7 @@ def build_muon_with_adamw(model: nn.Module, adamw_class, adamw_kwargs: dict, lea
     names = {id(p): name for name, p in model.named_parameters()}
     groups = [{"params": [p for p in rest if names[id(p)] in decay_names], "weight_decay": weight_decay},
               {"params": [p for p in rest if names[id(p)] not in decay_names], "weight_decay": 0.0}]
-    muon = torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(matrices, lr=muon_learning_rate or learning_rate, weight_decay=weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
     adamw = adamw_class([group for group in groups if group["params"]], **{**adamw_kwargs, "lr": learning_rate})
     return MuonWithAdamW(muon, adamw)

@@ -81,6 +81,7 @@ class StoryTrainer(Trainer):
     eval_tokens_per_byte: float | None = None
     time_budget: TimeBudget | None = None  # max_minutes: its warmup-stable-decay schedule, placed as the run goes
     use_muon: bool = False  # Muon on the weight matrices, the optim's AdamW on the rest
+    muon_learning_rate: float | None = None  # Muon's peak rate (None: the run's learning_rate)
 
     def create_optimizer(self, model=None):
         if not self.use_muon or self.optimizer is not None:
@@ -88,7 +89,8 @@ class StoryTrainer(Trainer):
         model = self.model if model is None else model
         adamw_class, adamw_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = build_muon_with_adamw(model, adamw_class, adamw_kwargs, self.args.learning_rate,
-                                               self.args.weight_decay, set(self.get_decay_parameter_names(model)))
+                                               self.args.weight_decay, set(self.get_decay_parameter_names(model)),
+                                               muon_learning_rate=self.muon_learning_rate)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -314,7 +316,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         processing_class=tokenizer,
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
-    trainer.use_muon = args.use_muon
+    trainer.use_muon, trainer.muon_learning_rate = args.use_muon, args.muon_learning_rate
     trainer.add_callback(EvaluateLastStep)
     if args.max_minutes:
         trainer.time_budget = time_budget(args, training_args, len(blocks["validation"]) if "validation" in blocks else 0)
