@@ -586,7 +586,7 @@ RANGES = {
     "gradient_accumulation_steps": POSITIVE, "eval_accumulation_steps": POSITIVE,
     "num_train_epochs": ABOVE_0, "max_steps": ("a positive integer, or -1 for num_train_epochs",
                                                lambda v: v >= 1 or v == -1),
-    "learning_rate": ABOVE_0, "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+    "learning_rate": ABOVE_0, "muon_learning_rate": ABOVE_0, "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
     "adam_beta1": SHARE, "adam_beta2": SHARE, "adam_epsilon": ABOVE_0, "max_grad_norm": AT_LEAST_0,
     "label_smoothing_factor": SHARE, "neftune_noise_alpha": ABOVE_0, "torch_empty_cache_steps": POSITIVE,
     "logging_steps": STEPS, "eval_steps": STEPS, "save_steps": STEPS, "eval_delay": AT_LEAST_0,
