@@ -484,7 +484,7 @@ class StoryArguments:
     decay_share: float = option(0.2, "With max_minutes: the last share of the steps over which the learning rate "
                                 "decays.")
     use_muon: bool = option(False, "Muon (torch.optim.Muon) on the weight matrices, the optim's AdamW on embeddings, "
-                            "the output layer, norms and biases; both at learning_rate and weight_decay.")
+                            "the output layer, norms and biases; both at weight_decay, AdamW at learning_rate.")
     muon_learning_rate: Optional[float] = option(None, "With use_muon: Muon's peak learning rate, in AdamW's units "
                                                  "(its updates are scaled to an AdamW update's size; default: "
                                                  "learning_rate); the schedule scales it as it does learning_rate.")

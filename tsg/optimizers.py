@@ -87,8 +87,8 @@ def build_muon_with_adamw(model: nn.Module, adamw_class, adamw_kwargs: dict, lea
                           muon_learning_rate: float | None = None) -> MuonWithAdamW:
     """Muon (momentum 0.95, Nesterov, AdamW-matched update size) on the weight matrices at `muon_learning_rate`
     (default: `learning_rate`), `adamw_class(**kwargs)` (the Trainer's class for `optim`) on the rest at
-    `learning_rate`; weight decay on the matrices and on the
-    parameters named in `decay_names` (the Trainer's choice: not norms, not biases)."""
+    `learning_rate`; weight decay on the matrices and on the parameters named in `decay_names` (the Trainer's
+    choice: not norms, not biases)."""
     matrices, rest = muon_parameters(model)
     if not matrices:
         raise UserError("use_muon: the model has no trainable weight matrices for Muon (2-D, not embeddings)")
