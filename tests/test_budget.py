@@ -130,6 +130,7 @@ def test_tsg_train_max_minutes_ends_on_an_evaluated_saved_model_in_time(tmp_path
     (["--max_minutes", "5", "--eval_strategy", "steps", "--eval_steps", "0.1"], "eval_steps=0.1 is a share"),
     (["--decay_share", "1.5"], "decay_share: expected a number in (0, 1]"),
     (["--use_muon", "true", "--optim", "adafactor"], "optim must be an adamw_* optimizer, got adafactor"),
+    (["--muon_learning_rate", "2e-3"], "muon_learning_rate=0.002 is Muon's rate: set use_muon true"),
 ])
 def test_bad_budget_or_optimizer_is_one_line(tmp_path, small_txt, capsys, words, message):
     code, _, err = run_tsg(["train", *tiny_cli(small_txt, tmp_path / "out", *words)], capsys)

@@ -619,6 +619,9 @@ def _check_training(story_args: "StoryArguments", training_args: TrainingArgumen
     if story_args.use_muon and sharded:
         raise UserError("use_muon orthogonalises whole weight matrices: FSDP and DeepSpeed split them across "
                         "processes; use DDP (or AdamW)")
+    if story_args.muon_learning_rate is not None and not story_args.use_muon:
+        raise UserError(f"muon_learning_rate={story_args.muon_learning_rate} is Muon's rate: set use_muon true, "
+                        "or leave muon_learning_rate out")
     if story_args.use_muon and not training_args.optim.value.startswith("adamw"):
         raise UserError(f"use_muon keeps embeddings, norms and biases on AdamW: optim must be an adamw_* optimizer, "
                         f"got {training_args.optim.value}")
