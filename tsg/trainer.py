@@ -126,6 +126,24 @@ class StoryTrainer(Trainer):
             )
         return loss
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer's warnings after loading a checkpoint (the best model at the end, a resume), less the
+        output layer of tied embeddings: save_pretrained leaves a tied weight out of the file, and loading its
+        source loads it too, so it is not missing."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        if not tied or not hasattr(load_result, "_replace"):
+            return super()._issue_warnings_after_load(load_result)
+        missing = [key for key in load_result.missing_keys
+                   if not (key in tied and tied[key] not in load_result.missing_keys and self._shares(key, tied[key]))]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+    def _shares(self, name: str, source: str) -> bool:
+        """Whether the model's parameters `name` and `source` are one tensor (tied in fact, not only in the config)."""
+        try:
+            return self.model.get_parameter(name) is self.model.get_parameter(source)
+        except AttributeError:
+            return False
+
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint; on a full disk, the half-written folder removed (so that no resume can take
         it) and a DiskFull naming the last complete checkpoint."""
