@@ -16,6 +16,7 @@ from transformers.trainer_callback import TrainerControl
 from conftest import REPO, error_line, python_env, run_tsg, tiny_cli
 from tsg.budget import TimeBudget
 from tsg.optimizers import MuonWithAdamW, build_muon_with_adamw, muon_parameters
+from tsg.trainer import StoryTrainer
 
 
 class Clock:
@@ -180,3 +181,17 @@ def test_muon_learning_rate_is_muons_own_and_the_schedule_scales_both():
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     rates = {name: {group["lr"] for group in o.param_groups} for name, o in optimizer.optimizers.items()}
     assert rates == {"muon": {4e-3}, "adamw": {5e-4}}
+
+
+@pytest.mark.parametrize("kwargs, decay", [({"decay_type": "1-sqrt", "min_lr_ratio": 0.0}, 20),
+                                           ({"num_decay_steps": 50}, 50)])
+def test_warmup_stable_decay_without_its_decay_steps_decays_over_the_last_decay_share(tmp_path, kwargs, decay):
+    args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="warmup_stable_decay",
+                             lr_scheduler_kwargs=kwargs, warmup_steps=10, learning_rate=1e-2, use_cpu=True,
+                             report_to="none")
+    trainer = StoryTrainer(model=tiny_llama(), args=args)
+    trainer.decay_share = 0.2
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    factor = trainer.lr_scheduler.lr_lambdas[0]
+    assert factor(5) == pytest.approx(0.5) and factor(10) == factor(100 - decay) == 1.0
+    assert factor(100 - decay + 1) < 1.0 and factor(100) == pytest.approx(kwargs.get("min_lr_ratio", 0.0))

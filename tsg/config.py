@@ -481,8 +481,8 @@ class StoryArguments:
                                           "on an evaluated, saved model: the learning rate follows "
                                           "warmup_stable_decay, its decay placed from the measured speed (max_steps, "
                                           "if set, caps the steps).")
-    decay_share: float = option(0.2, "With max_minutes: the last share of the steps over which the learning rate "
-                                "decays.")
+    decay_share: float = option(0.2, "With max_minutes, or warmup_stable_decay without its num_decay_steps: the "
+                                "last share of the steps over which the learning rate decays.")
     use_muon: bool = option(False, "Muon (torch.optim.Muon) on the weight matrices, the optim's AdamW on embeddings, "
                             "the output layer, norms and biases; both at weight_decay, AdamW at learning_rate.")
     muon_learning_rate: Optional[float] = option(None, "With use_muon: Muon's peak learning rate, in AdamW's units "

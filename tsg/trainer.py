@@ -40,9 +40,9 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments, get_scheduler, set_seed
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
 
 from tsg import data, model as models, plots
 from tsg.budget import PROVISIONAL_STEPS, TimeBudget
@@ -82,6 +82,7 @@ class StoryTrainer(Trainer):
     time_budget: TimeBudget | None = None  # max_minutes: its warmup-stable-decay schedule, placed as the run goes
     use_muon: bool = False  # Muon on the weight matrices, the optim's AdamW on the rest
     muon_learning_rate: float | None = None  # Muon's peak rate (None: the run's learning_rate)
+    decay_share: float = 0.2  # warmup_stable_decay without its num_decay_steps: the last share of the steps
 
     def create_optimizer(self, model=None):
         if not self.use_muon or self.optimizer is not None:
@@ -94,9 +95,19 @@ class StoryTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.time_budget is None or self.lr_scheduler is not None:
+        if self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer)
+        kwargs = self.args.lr_scheduler_kwargs or {}
+        if self.time_budget is not None:
+            self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer)
+        elif self.args.lr_scheduler_type == SchedulerType.WARMUP_STABLE_DECAY and "num_decay_steps" not in kwargs:
+            # transformers asks for the decay in steps, which a config run by epochs or by minutes cannot know
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type, optimizer=optimizer or self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
+                scheduler_specific_kwargs={**kwargs, "num_decay_steps": math.ceil(self.decay_share * num_training_steps)})
+        else:
+            return super().create_scheduler(num_training_steps, optimizer)
         self._created_lr_scheduler = True  # a second train() makes it anew, as the Trainer's own
         return self.lr_scheduler
 
@@ -335,6 +346,7 @@ def build_trainer(args: StoryArguments, training_args: TrainingArguments, resume
         data_collator=data.BlockCollator(model.config._attn_implementation or "eager"),
     )
     trainer.use_muon, trainer.muon_learning_rate = args.use_muon, args.muon_learning_rate
+    trainer.decay_share = args.decay_share
     trainer.add_callback(EvaluateLastStep)
     if args.max_minutes:
         trainer.time_budget = time_budget(args, training_args, len(blocks["validation"]) if "validation" in blocks else 0)
