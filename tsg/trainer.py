@@ -101,7 +101,7 @@ class StoryTrainer(Trainer):
         if self.time_budget is not None:
             self.lr_scheduler = self.time_budget.scheduler(optimizer or self.optimizer)
         elif self.args.lr_scheduler_type == SchedulerType.WARMUP_STABLE_DECAY and "num_decay_steps" not in kwargs:
-            # transformers asks for the decay in steps, which a config run by epochs or by minutes cannot know
+            # transformers asks for the decay in steps, which a config counted in epochs cannot know ahead
             self.lr_scheduler = get_scheduler(
                 self.args.lr_scheduler_type, optimizer=optimizer or self.optimizer,
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps), num_training_steps=num_training_steps,
